@@ -1,0 +1,19 @@
+"""onnxcam: Grad-CAM and its relatives computed inside ONNX graphs by ONNX Runtime itself."""
+
+__version__ = "0.1.0"
+
+from .errors import OnnxcamError  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # Lazy imports keep `import onnxcam` (and `onnxcam --version`) fast.
+    if name in ("augment", "METHODS"):
+        from .cam import augment as _augment
+        return getattr(_augment, name)
+    if name == "layers":
+        from .cam.layers import layers
+        return layers
+    if name == "Explainer":
+        from .runtime import Explainer
+        return Explainer
+    raise AttributeError(name)

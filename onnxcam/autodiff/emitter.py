@@ -1,0 +1,271 @@
+"""An opset-aware node emitter: rules say what to compute, this says how at the model's opset.
+
+Rules call ``emit.op("Mul", a, b)`` for ops whose signature never changed, and the helpers below
+(``reduce``, ``squeeze``, ``split``, ``pad``, ``slice``...) for the ones that did, so no rule
+branches on the opset. Shapes are handled as lists of *dims*: a Python ``int`` where the size is
+truly known, the name of a run-time int64 tensor of shape [1] otherwise. Dim arithmetic folds
+ints and emits tiny integer nodes only for what is dynamic.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .shapes import TensorInfo
+
+Dim = Union[int, str]
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class Emitter:
+    """Accumulates new nodes and initializers for one graph at one opset."""
+
+    def __init__(self, opset: int, infos: dict, taken_names: set, prefix: str = "onnxcam"):
+        self.opset = opset
+        self.infos = infos  # tensor name -> TensorInfo (forward tensors and what we emit)
+        self.taken = taken_names
+        self.prefix = prefix
+        self.nodes: List[onnx.NodeProto] = []
+        self.initializers: List[onnx.TensorProto] = []
+        self._const_cache = {}
+        self._shape_cache = {}
+        self._counter = 0
+
+    # ------------------------------------------------------------------ names and raw nodes
+    def fresh(self, hint: str) -> str:
+        while True:
+            self._counter += 1
+            name = f"{self.prefix}/{hint}_{self._counter}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def op(self, op_type: str, *inputs: Optional[str], outputs: int = 1, hint: str = None, **attrs):
+        """Emit one default-domain node; returns its output name (or list of names)."""
+        hint = hint or op_type
+        outs = [self.fresh(hint) for _ in range(outputs)]
+        ins = ["" if i is None else i for i in inputs]
+        while ins and ins[-1] == "":  # trailing optional inputs may be dropped
+            ins.pop()
+        node = helper.make_node(op_type, ins, outs, name=self.fresh(f"{hint}_node"), **attrs)
+        self.nodes.append(node)
+        return outs[0] if outputs == 1 else outs
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos.get(name) or TensorInfo(None, None)
+
+    def set_info(self, name: str, dtype=None, shape=None) -> str:
+        self.infos[name] = TensorInfo(dtype, None if shape is None else tuple(shape))
+        return name
+
+    def dtype(self, name: str) -> int:
+        dt = self.info(name).dtype
+        return TensorProto.FLOAT if dt is None else dt
+
+    def rank(self, name: str) -> int:
+        shape = self.info(name).shape
+        if shape is None:
+            raise KeyError(f"rank of tensor {name!r} is unknown")
+        return len(shape)
+
+    # ------------------------------------------------------------------ constants
+    def const(self, value, dtype: int) -> str:
+        """An initializer holding `value` as `dtype` (cached by content)."""
+        array = np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+        key = (dtype, array.shape, array.tobytes())
+        if key in self._const_cache:
+            return self._const_cache[key]
+        name = self.fresh("const")
+        self.initializers.append(numpy_helper.from_array(array, name))
+        self._const_cache[key] = name
+        self.set_info(name, dtype, array.shape)
+        return name
+
+    def scalar(self, value: float, like: str) -> str:
+        """A scalar constant of the same float type as tensor `like`."""
+        return self.const(value, self.dtype(like))
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(np.asarray(list(values), dtype=np.int64), TensorProto.INT64)
+
+    # ------------------------------------------------------------------ shapes as dims
+    def shape(self, x: str) -> str:
+        if x not in self._shape_cache:
+            self._shape_cache[x] = self.op("Shape", x)
+        return self._shape_cache[x]
+
+    def dims(self, x: str) -> List[Dim]:
+        """Per-axis sizes of `x`: ints where known, run-time [1] tensors elsewhere."""
+        shape = self.info(x).shape
+        if shape is None:
+            raise KeyError(f"rank of tensor {x!r} is unknown")
+        out = []
+        for axis, d in enumerate(shape):
+            if isinstance(d, int) and d >= 0:
+                out.append(int(d))
+            else:
+                out.append(self.op("Gather", self.shape(x), self.ints([axis]), axis=0))
+        return out
+
+    def shape_of(self, dims: Sequence[Dim]) -> str:
+        """A 1-D int64 tensor from a list of dims (a constant when every dim is an int)."""
+        if all(isinstance(d, int) for d in dims):
+            return self.ints(dims)
+        parts = [self.ints([d]) if isinstance(d, int) else d for d in dims]
+        return self.op("Concat", *parts, axis=0)
+
+    def shape_of_tensor_or_dims(self, x: str) -> str:
+        """Shape(x) as a 1-D tensor, constant when fully static."""
+        shape = self.info(x).shape
+        if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
+            return self.ints(shape)
+        return self.shape(x)
+
+    def _dim_binary(self, op_type, fold, a: Dim, b: Dim) -> Dim:
+        if isinstance(a, int) and isinstance(b, int):
+            return fold(a, b)
+        ta = self.ints([a]) if isinstance(a, int) else a
+        tb = self.ints([b]) if isinstance(b, int) else b
+        return self.op(op_type, ta, tb)
+
+    def d_add(self, a: Dim, b: Dim) -> Dim:
+        if b == 0:
+            return a
+        if a == 0:
+            return b
+        return self._dim_binary("Add", lambda x, y: x + y, a, b)
+
+    def d_sub(self, a: Dim, b: Dim) -> Dim:
+        if b == 0:
+            return a
+        return self._dim_binary("Sub", lambda x, y: x - y, a, b)
+
+    def d_mul(self, a: Dim, b: Dim) -> Dim:
+        if b == 1:
+            return a
+        if a == 1:
+            return b
+        return self._dim_binary("Mul", lambda x, y: x * y, a, b)
+
+    def d_div(self, a: Dim, b: Dim) -> Dim:
+        """Floor division of non-negative dims."""
+        if b == 1:
+            return a
+        return self._dim_binary("Div", lambda x, y: x // y, a, b)
+
+    def d_max(self, a: Dim, b: Dim) -> Dim:
+        return self._dim_binary("Max", max, a, b)
+
+    def d_min(self, a: Dim, b: Dim) -> Dim:
+        return self._dim_binary("Min", min, a, b)
+
+    def d_prod(self, dims: Sequence[Dim]) -> Dim:
+        out: Dim = 1
+        for d in dims:
+            out = self.d_mul(out, d)
+        return out
+
+    def d_to_float(self, d: Dim, like: str) -> str:
+        """A dim as a scalar-ish float tensor of `like`'s type (shape [] or [1])."""
+        if isinstance(d, int):
+            return self.scalar(float(d), like)
+        return self.op("Cast", d, to=self.dtype(like))
+
+    # ------------------------------------------------------------------ opset-dependent signatures
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
+        """ReduceSum/ReduceMean/ReduceMax... over constant axes (attribute or input by opset)."""
+        axes = [int(a) for a in axes]
+        if not axes:
+            return x if keepdims else x
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            return self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
+        return self.op(op_type, x, axes=axes, keepdims=int(keepdims))
+
+    def reduce_sum_dynamic_axes(self, x: str, axes_tensor: str) -> str:
+        """ReduceSum over run-time axes (keepdims); an empty axes list sums nothing."""
+        if self.opset < 13:
+            raise NotImplementedError("run-time reduction axes need opset 13 or newer")
+        return self.op("ReduceSum", x, axes_tensor, keepdims=1, noop_with_empty_axes=1)
+
+    def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        axes = [int(a) for a in axes]
+        if self.opset >= 13:
+            return self.op("Squeeze", x, self.ints(axes))
+        return self.op("Squeeze", x, axes=axes)
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        axes = [int(a) for a in axes]
+        if self.opset >= 13:
+            return self.op("Unsqueeze", x, self.ints(axes))
+        return self.op("Unsqueeze", x, axes=axes)
+
+    def split(self, x: str, axis: int, sizes: Sequence[Dim]) -> List[str]:
+        """Split `x` along `axis` into pieces of the given sizes (ints or run-time dims)."""
+        n = len(sizes)
+        if n == 1:
+            return [self.op("Identity", x)]
+        if all(isinstance(s, int) for s in sizes) and self.opset < 13:
+            return self.op("Split", x, outputs=n, axis=axis, split=[int(s) for s in sizes])
+        if self.opset >= 13:
+            return self.op("Split", x, self.shape_of(sizes), outputs=n, axis=axis)
+        # Opset 11/12 with run-time sizes: one Slice per piece.
+        pieces, start = [], 0
+        for s in sizes:
+            end = self.d_add(start, s)
+            pieces.append(self.slice(x, [start], [end], [axis]))
+            start = end
+        return pieces
+
+    def slice(self, x: str, starts: Sequence[Dim], ends: Sequence[Dim], axes: Sequence[int],
+              steps: Optional[Sequence[int]] = None) -> str:
+        inputs = [x, self.shape_of(starts), self.shape_of(ends), self.ints(axes)]
+        if steps is not None:
+            inputs.append(self.ints(steps))
+        return self.op("Slice", *inputs)
+
+    def pad(self, x: str, pads: Sequence[Dim], mode: str = "constant", value: Optional[str] = None) -> str:
+        """Pad with ONNX's [begin..., end...] layout; `value` is a scalar tensor name or None (0)."""
+        if all(isinstance(p, int) and p == 0 for p in pads):
+            return x
+        return self.op("Pad", x, self.shape_of(pads), value, mode=mode)
+
+    def clip(self, x: str, lo: Optional[float], hi: Optional[float]) -> str:
+        lo_t = None if lo is None else self.scalar(lo, x)
+        hi_t = None if hi is None else self.scalar(hi, x)
+        return self.op("Clip", x, lo_t, hi_t)
+
+    def greater_equal(self, a: str, b: str) -> str:
+        if self.opset >= 12:
+            return self.op("GreaterOrEqual", a, b)
+        return self.op("Not", self.op("Less", a, b))
+
+    def less_equal(self, a: str, b: str) -> str:
+        if self.opset >= 12:
+            return self.op("LessOrEqual", a, b)
+        return self.op("Not", self.op("Greater", a, b))
+
+    def resize(self, x: str, sizes: str, mode: str = "linear",
+               coordinate_transformation_mode: str = "half_pixel", **attrs) -> str:
+        """Resize to run-time `sizes` (a 1-D int64 tensor over all axes)."""
+        empty = self.const(np.zeros([0], np.float32), TensorProto.FLOAT)
+        roi = empty if self.opset < 13 else None
+        return self.op("Resize", x, roi if roi else "", empty, sizes, mode=mode,
+                       coordinate_transformation_mode=coordinate_transformation_mode, **attrs)
+
+    def zeros_like(self, x: str) -> str:
+        value = helper.make_tensor("value", self.dtype(x), [1], [0])
+        return self.op("ConstantOfShape", self.shape_of_tensor_or_dims(x), value=value)
+
+    def zeros(self, dims: Sequence[Dim], dtype: int) -> str:
+        value = helper.make_tensor("value", dtype, [1], [0])
+        return self.op("ConstantOfShape", self.shape_of(dims), value=value)
+
+    def cast(self, x: str, dtype: int) -> str:
+        return self.op("Cast", x, to=int(dtype))

@@ -1,0 +1,274 @@
+"""The walker: adds to a model the nodes that compute d(score)/d(target) for chosen tensors.
+
+The score is ``sum(seed * score_tensor)``: the seed is the cotangent of `score_tensor`, either a
+new graph input (``onnxcam_seed``) or a tensor the caller built in the graph (a one-hot, say).
+Only nodes that both depend on a target and feed the score are differentiated; the forward
+graph is shared, not copied. The walker knows no op by name: rules come from the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import NotDifferentiableError, UnsupportedModelError, LayerNotFoundError
+from .emitter import Emitter
+from .registry import ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
+from .shapes import TensorInfo, infer_infos, make_value_info, probe_infos
+
+SEED_INPUT = "onnxcam_seed"
+MIN_OPSET, MAX_OPSET = 11, 21
+_CUSTOM_HINT = ("pick a target layer nearer the output (onnxcam layers MODEL), another output, "
+                "or file an issue with the op type")
+
+
+@dataclass
+class GradientGraph:
+    """What `add_gradients` built: the model (edited in place) and where things are."""
+    model: onnx.ModelProto
+    gradients: Dict[str, str]  # target tensor -> gradient tensor
+    seed: str  # the seed tensor (graph input or caller's tensor)
+    emitter: Emitter
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise UnsupportedModelError("the model imports no default-domain opset; is it an ONNX model?")
+
+
+def check_opset(opset: int, where: str = "model") -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedModelError(
+            f"{where}: opset {opset} is outside the supported range {MIN_OPSET}-{MAX_OPSET}; "
+            f"re-export the model with an opset in that range (e.g. torch.onnx.export(..., opset_version=17))")
+
+
+def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: str,
+                  seed: Optional[str] = None, emitter: Optional[Emitter] = None,
+                  infos: Optional[Dict[str, TensorInfo]] = None) -> GradientGraph:
+    """Edit `model` in place so that it also computes d(sum(seed * score_tensor))/d(target)."""
+    graph = model.graph
+    opset = default_opset(model)
+    check_opset(opset)
+    nodes = _topological(graph)
+    producers = {out: node for node in nodes for out in node.output if out}
+    known = _known_tensors(graph, nodes)
+    for name in list(targets) + [score_tensor]:
+        if name not in known:
+            raise LayerNotFoundError(f"tensor {name!r} is not in the graph{_suggest(name, known)}")
+
+    if infos is None:
+        infos = infer_infos(model)
+    constants = _constant_values(graph, nodes)
+    active = _forward_active(nodes, targets, infos)
+    if score_tensor not in active:
+        raise UnsupportedModelError(
+            f"the score tensor {score_tensor!r} does not depend on {', '.join(map(repr, targets))} through "
+            "differentiable ops; pick a layer that feeds the chosen output")
+    feeding = _feeds(score_tensor, producers)
+    path = [n for n in nodes if any(o in active and o in feeding for o in n.output)
+            and _touches(n, active)]
+    _refuse_missing_rules(path, opset)
+
+    unknown_rank = {t for n in path for t in list(n.input) + list(n.output)
+                    if t and (infos.get(t) is None or infos[t].shape is None) and t not in constants}
+    if unknown_rank:
+        infos = dict(infos)
+        infos.update(probe_infos(model, sorted(unknown_rank)))
+
+    taken = set(known) | {i.name for i in graph.initializer}
+    emit = emitter or Emitter(opset, infos, taken)
+    emit.infos = infos if emitter is None else emit.infos
+    ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants)
+
+    if seed is None:
+        seed = _add_seed_input(graph, score_tensor, infos)
+    contributions: Dict[str, List[str]] = {score_tensor: [seed]}
+    for node_proto in reversed(path):
+        view = NodeView(node_proto)
+        grads_out = [_total(emit, contributions.pop(o, None), o) for o in view.outputs]
+        if all(g is None for g in grads_out):
+            continue
+        rule = get_rule(view.op)
+        result = rule.fn(ctx, view, grads_out)
+        for i, g in _as_items(result, len(view.inputs)):
+            name = view.input(i)
+            if g is None or name is None or name not in active:
+                continue
+            emit.infos.setdefault(g, infos.get(name, TensorInfo(None, None)))
+            contributions.setdefault(name, []).append(g)
+
+    gradients = {}
+    for target in targets:
+        total = _total(emit, contributions.get(target), target)
+        if total is None:
+            raise UnsupportedModelError(f"no gradient reaches tensor {target!r} from {score_tensor!r}")
+        if total in known or total == seed:  # never expose a forward tensor under a gradient name
+            total = emit.op("Identity", total, hint="grad")
+        gradients[target] = total
+    graph.node.extend(emit.nodes)
+    graph.initializer.extend(emit.initializers)
+    emit.nodes, emit.initializers = [], []
+    return GradientGraph(model, gradients, seed, emit)
+
+
+# ---------------------------------------------------------------------- graph analysis
+def _topological(graph) -> List[onnx.NodeProto]:
+    """Graph nodes in a topological order (ONNX requires one; some exporters don't honour it)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    remaining, ordered = list(graph.node), []
+    while remaining:
+        progress, rest = False, []
+        for node in remaining:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progress = True
+            else:
+                rest.append(node)
+        if not progress:  # cycles or outer-scope names: keep the file's order for the rest
+            ordered.extend(rest)
+            break
+        remaining = rest
+    return ordered
+
+
+def _known_tensors(graph, nodes) -> set:
+    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for node in nodes:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def _suggest(name, known) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+def _constant_values(graph, nodes) -> Dict[str, np.ndarray]:
+    """Values known before run time: initializers, Constant nodes, and small integer arithmetic on
+    them (Paddle and TF converters compute Slice/Reshape parameters with Constant nodes)."""
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.data_location != TensorProto.EXTERNAL}
+    for node in nodes:
+        if node.op_type == "Constant":
+            attrs = {a.name: a for a in node.attribute}
+            if "value" in attrs:
+                values[node.output[0]] = numpy_helper.to_array(attrs["value"].t)
+            elif "value_ints" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_ints"].ints, np.int64)
+            elif "value_int" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_int"].i, np.int64)
+            elif "value_floats" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_floats"].floats, np.float32)
+            elif "value_float" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_float"].f, np.float32)
+        elif node.op_type in _FOLDABLE and node.input and all(i in values for i in node.input if i):
+            if all(values[i].size <= 64 for i in node.input if i):
+                folded = _fold(node, values)
+                if folded is not None:
+                    values[node.output[0]] = folded
+    return values
+
+
+_FOLDABLE = {"Cast", "Concat", "Unsqueeze", "Squeeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity"}
+
+
+def _fold(node, values):
+    try:
+        from onnx.reference import ReferenceEvaluator
+        ins = [i for i in node.input]
+        evaluator = ReferenceEvaluator(helper.make_graph(
+            [node], "fold", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None)
+                             for i in ins if i],
+            [helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED, None)]))
+        return np.asarray(evaluator.run(None, {i: values[i] for i in ins if i})[0])
+    except Exception:
+        return None
+
+
+def _differentiable_inputs(node: onnx.NodeProto) -> Sequence[int]:
+    rule = get_rule(node.op_type)
+    if rule is not None and rule.differentiable is not None:
+        return [i for i in rule.differentiable if i < len(node.input)]
+    return range(len(node.input))
+
+
+def _forward_active(nodes, targets, infos) -> set:
+    """Floating-point tensors that depend on a target through differentiable inputs."""
+    active = set(targets)
+    for node in nodes:
+        if node.op_type in ZERO_GRADIENT_OPS:
+            continue
+        if not any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i]):
+            continue
+        for out in node.output:
+            info = infos.get(out)
+            if out and (info is None or info.dtype is None or info.is_float):
+                active.add(out)
+    return active
+
+
+def _touches(node, active) -> bool:
+    return any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i])
+
+
+def _feeds(score_tensor, producers) -> set:
+    """Tensors the score depends on."""
+    seen, stack = {score_tensor}, [score_tensor]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None:
+            continue
+        for i in node.input:
+            if i and i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
+def _refuse_missing_rules(path, opset) -> None:
+    problems = []
+    for node in path:
+        label = f"node {node.name or '(unnamed)'!r} ({node.domain + '::' if node.domain else ''}{node.op_type}, opset {opset})"
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"{label}: custom-domain op")
+        elif node.op_type in ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QuantizeLinear",
+                              "DequantizeLinear", "DynamicQuantizeLinear"):
+            problems.append(f"{label}: quantized op; explain the float model instead")
+        elif get_rule(node.op_type) is None:
+            problems.append(f"{label}: no gradient rule")
+    if problems:
+        raise NotDifferentiableError(problems, hint=_CUSTOM_HINT)
+
+
+# ---------------------------------------------------------------------- helpers
+def _add_seed_input(graph, score_tensor, infos) -> str:
+    info = infos.get(score_tensor) or TensorInfo(TensorProto.FLOAT, None)
+    graph.input.append(make_value_info(SEED_INPUT, info))
+    infos[SEED_INPUT] = info
+    return SEED_INPUT
+
+
+def _total(emit: Emitter, parts: Optional[List[str]], like: str) -> Optional[str]:
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    total = emit.op("Sum", *parts, hint="grad_sum")
+    emit.infos.setdefault(total, emit.infos.get(like, TensorInfo(None, None)))
+    return total
+
+
+def _as_items(result, n_inputs):
+    if result is None:
+        return []
+    if isinstance(result, dict):
+        return list(result.items())
+    return list(enumerate(result))[:n_inputs]

@@ -1,0 +1,106 @@
+"""The VJP rule registry, keyed by ONNX op type.
+
+A rule is a short function ``rule(ctx, node, grads) -> gradients of the inputs``: ``grads`` holds
+the gradient tensor name of each node output (None where that output does not reach the score),
+and the rule returns a list aligned with ``node.inputs`` (None where no gradient is needed or
+possible; a dict {input index: name} is accepted too). Rules emit nodes through ``ctx.emit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import onnx
+from onnx import helper
+
+
+@dataclass
+class Rule:
+    fn: Callable
+    # Indices of inputs that can carry a gradient; None means every floating-point input.
+    differentiable: Optional[Tuple[int, ...]] = None
+
+
+_RULES: Dict[str, Rule] = {}
+
+# Ops whose outputs carry no gradient although an input is float: their derivative is zero
+# almost everywhere (or they only read shapes), so the gradient through them is truly zero.
+ZERO_GRADIENT_OPS = frozenset({
+    "Shape", "Size", "Floor", "Ceil", "Round", "Sign", "Equal", "Greater", "Less", "GreaterOrEqual",
+    "LessOrEqual", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero", "EyeLike", "ConstantOfShape",
+    "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+})
+
+
+def vjp(*op_types: str, differentiable: Optional[Sequence[int]] = None):
+    """Register the decorated function as the VJP rule of `op_types`."""
+    def register(fn):
+        for op_type in op_types:
+            _RULES[op_type] = Rule(fn, None if differentiable is None else tuple(differentiable))
+        return fn
+    return register
+
+
+def get_rule(op_type: str) -> Optional[Rule]:
+    _load_rules()
+    return _RULES.get(op_type)
+
+
+def registered_ops():
+    _load_rules()
+    return sorted(_RULES)
+
+
+_loaded = False
+
+
+def _load_rules():
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import rules  # noqa: F401  (importing registers every rule module)
+
+
+class NodeView:
+    """A read-only view of a NodeProto with its attributes decoded, for rules."""
+
+    def __init__(self, proto: onnx.NodeProto):
+        self.proto = proto
+        self.op = proto.op_type
+        self.name = proto.name
+        self.inputs = list(proto.input)
+        self.outputs = list(proto.output)
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute}
+        for key, value in list(self.attrs.items()):
+            if isinstance(value, bytes):
+                self.attrs[key] = value.decode()
+
+    def attr(self, name: str, default=None):
+        return self.attrs.get(name, default)
+
+    def input(self, i: int) -> Optional[str]:
+        """Input i, or None when absent or given as the empty name."""
+        return self.inputs[i] if i < len(self.inputs) and self.inputs[i] else None
+
+
+@dataclass
+class RuleContext:
+    emit: "Emitter"  # noqa: F821
+    opset: int
+    active: set = field(default_factory=set)  # tensors that depend on a target
+    constants: dict = field(default_factory=dict)  # tensor name -> numpy value when known statically
+
+    def needs(self, node: NodeView, i: int) -> bool:
+        """Does input i of `node` need a gradient (it exists and depends on a target)?"""
+        name = node.input(i)
+        return name is not None and name in self.active
+
+    def value(self, name: Optional[str]):
+        """The constant value of a tensor (initializer, Constant node or folded), or None."""
+        if name is None:
+            return None
+        return self.constants.get(name)
+
+    def info(self, name: str):
+        return self.emit.info(name)

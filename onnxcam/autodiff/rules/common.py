@@ -1,0 +1,57 @@
+"""Helpers shared by rules: unbroadcasting, masks, normalised axes."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def unbroadcast(ctx, g: str, operand: str, out: str) -> str:
+    """Sum `g` (shaped like the broadcast result `out`) down to the shape of `operand`.
+
+    Axes are decided from static shapes where possible: leading extra axes, and axes where the
+    operand has a literal 1 and the output does not. Where the operand's size is unknown and may
+    be 1, a run-time choice (Where on the size) keeps it correct at every opset without scatter.
+    """
+    emit = ctx.emit
+    op_shape = emit.info(operand).shape
+    out_shape = emit.info(out).shape
+    if op_shape is None or out_shape is None:
+        raise KeyError(f"shapes of {operand!r} / {out!r} unknown for unbroadcasting")
+    lead = len(out_shape) - len(op_shape)
+    static_axes: List[int] = list(range(lead))
+    runtime_axes: List[int] = []
+    for i, d in enumerate(op_shape):
+        od = out_shape[lead + i]
+        if d == 1:
+            if od != 1:
+                static_axes.append(lead + i)
+        elif isinstance(d, int) or (isinstance(d, str) and d == od):
+            continue
+        elif od != 1:  # unknown operand size that might be 1
+            runtime_axes.append(i)
+    for i in runtime_axes:
+        axis = lead + i
+        summed = emit.reduce("ReduceSum", g, [axis], keepdims=True)
+        is_one = emit.op("Equal", emit.op("Gather", emit.shape(operand), emit.ints([i]), axis=0), emit.ints([1]))
+        g = emit.op("Where", is_one, summed, g)
+    if static_axes:
+        g = emit.reduce("ReduceSum", g, static_axes, keepdims=True)
+    if lead:
+        g = emit.op("Reshape", g, emit.shape_of_tensor_or_dims(operand))
+    if runtime_axes:  # the broadcast copies along those axes are equal now: keep one
+        rank = len(op_shape)
+        g = emit.op("Slice", g, emit.ints([0] * rank), emit.shape(operand), emit.ints(list(range(rank))))
+    return g
+
+
+def mask_grad(ctx, mask: str, g: str) -> str:
+    """Where(mask, g, 0)."""
+    return ctx.emit.op("Where", mask, g, ctx.emit.scalar(0.0, g))
+
+
+def reshape_like(ctx, g: str, x: str) -> str:
+    return ctx.emit.op("Reshape", g, ctx.emit.shape_of_tensor_or_dims(x))

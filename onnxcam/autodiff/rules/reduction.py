@@ -1,0 +1,5 @@
+"""ReduceSum, ReduceMean, ReduceMax and friends."""
+
+from __future__ import annotations
+
+from ..registry import vjp

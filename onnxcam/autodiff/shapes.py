@@ -1,0 +1,165 @@
+"""What is known of each tensor's type and shape, from ONNX shape inference and, where that loses
+track (dynamic Reshapes in attention exports), from probing the model with ONNX Runtime.
+
+A dim is an ``int`` only when it is truly fixed; a ``str`` is a symbol (equal symbols are equal
+sizes) and ``None`` an unknown size; both are read at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: Optional[int]
+    shape: Optional[Tuple[object, ...]]  # int, symbol str or None per axis; None: rank unknown
+
+    @property
+    def rank(self) -> Optional[int]:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def _info_from_value_info(vi: onnx.ValueInfoProto) -> TensorInfo:
+    t = vi.type.tensor_type
+    dtype = t.elem_type or None
+    if not t.HasField("shape"):
+        return TensorInfo(dtype, None)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    return TensorInfo(dtype, dims)
+
+
+def infer_infos(model: onnx.ModelProto) -> Dict[str, TensorInfo]:
+    """Static type/shape knowledge of every tensor, from the model plus ONNX shape inference."""
+    infos: Dict[str, TensorInfo] = {}
+    graph = model.graph
+    for init in graph.initializer:
+        infos[init.name] = TensorInfo(init.data_type, tuple(init.dims))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
+        value_infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    except Exception:
+        value_infos = list(graph.value_info) + list(graph.output) + list(graph.input)
+    for vi in value_infos:
+        info = _info_from_value_info(vi)
+        old = infos.get(vi.name)
+        if old is None or old.shape is None:
+            infos[vi.name] = info
+    for node in graph.node:  # Constant nodes: exact shapes from their values
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    infos[node.output[0]] = TensorInfo(attr.t.data_type, tuple(attr.t.dims))
+    return infos
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy light enough for shape inference (large raw weights replaced by empty-bodied stubs
+    is not possible without losing values that data propagation needs, so only very large
+    models are stripped)."""
+    if model.ByteSize() < 1_500_000_000:
+        return model
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for init in light.graph.initializer:
+        if init.ByteSize() > 1024:
+            init.ClearField("raw_data")
+            init.data_location = TensorProto.DEFAULT
+    return light
+
+
+def probe_infos(model: onnx.ModelProto, names: Iterable[str], input_shapes=None) -> Dict[str, TensorInfo]:
+    """Run the model with `names` exposed at two batch (and, when free, spatial) sizes and keep the
+    dims that agree as ints; the rest become None. Used only for tensors shape inference lost."""
+    import onnxruntime as ort
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    graph_inputs = _real_inputs(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runs = []
+    for variant in (0, 1):
+        feeds = {}
+        for vi in graph_inputs:
+            feeds[vi.name] = _probe_array(vi, variant, input_shapes)
+        try:
+            values = session.run(names, feeds)
+        except Exception:
+            if variant == 1:
+                break
+            raise
+        runs.append(values)
+    out = {}
+    for i, name in enumerate(names):
+        arrays = [r[i] for r in runs]
+        first = arrays[0]
+        dims = []
+        for axis in range(first.ndim):
+            sizes = {a.shape[axis] for a in arrays if a.ndim == first.ndim}
+            if len(runs) > 1 and len(sizes) == 1:
+                dims.append(int(first.shape[axis]))
+            elif len(runs) > 1:  # dims that vary together share one symbol
+                dims.append("probe_" + "_".join(str(a.shape[axis]) for a in arrays))
+            else:
+                dims.append(None)
+        out[name] = TensorInfo(helper.np_dtype_to_tensor_dtype(first.dtype), tuple(dims))
+    return out
+
+
+def _real_inputs(model):
+    inits = {i.name for i in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def _probe_array(vi, variant: int, input_shapes=None):
+    info = _info_from_value_info(vi)
+    np_dtype = helper.tensor_dtype_to_np_dtype(info.dtype or TensorProto.FLOAT)
+    if input_shapes and vi.name in input_shapes:
+        shape = list(input_shapes[vi.name])
+    else:
+        shape = []
+        for axis, d in enumerate(info.shape or ()):
+            if d is not None and d > 0:
+                shape.append(d)
+            elif axis == 0:
+                shape.append(1 + variant)  # batch
+            else:
+                shape.append(64 + 32 * variant)  # spatial or sequence
+    if variant == 1 and input_shapes and vi.name in input_shapes and shape:
+        shape[0] = shape[0] + 1
+    rng = np.random.default_rng(variant)
+    if np.issubdtype(np_dtype, np.floating):
+        return rng.standard_normal(shape).astype(np_dtype)
+    if np_dtype == np.bool_:
+        return np.ones(shape, dtype=np.bool_)
+    return np.zeros(shape, dtype=np_dtype)
+
+
+def make_value_info(name: str, info: TensorInfo, symbol_prefix: str = None) -> onnx.ValueInfoProto:
+    """A typed ValueInfo for a new graph input/output; unknown dims get symbolic names
+    (the checker's full check wants a shape field even when nothing is fixed)."""
+    dtype = info.dtype or TensorProto.FLOAT
+    if info.shape is None:
+        return helper.make_tensor_value_info(name, dtype, None)
+    prefix = symbol_prefix or name.replace("/", "_")
+    dims = [d if isinstance(d, (int, str)) else f"{prefix}_d{i}" for i, d in enumerate(info.shape)]
+    return helper.make_tensor_value_info(name, dtype, dims)
