@@ -52,7 +52,10 @@ def check_opset(opset: int, where: str = "model") -> None:
 def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: str,
                   seed: Optional[str] = None, emitter: Optional[Emitter] = None,
                   infos: Optional[Dict[str, TensorInfo]] = None) -> GradientGraph:
-    """Edit `model` in place so that it also computes d(sum(seed * score_tensor))/d(target)."""
+    """Edit `model` in place so that it also computes d(sum(seed * score_tensor))/d(target).
+
+    `emitter` lets a caller emit nodes before (the seed) and after (the CAM) in one naming scope;
+    `infos` overrides shape knowledge."""
     graph = model.graph
     opset = default_opset(model)
     check_opset(opset)
@@ -63,8 +66,8 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
         if name not in known:
             raise LayerNotFoundError(f"tensor {name!r} is not in the graph{_suggest(name, known)}")
 
-    if infos is None:
-        infos = infer_infos(model)
+    emit = emitter or new_emitter(model, infos)
+    infos = emit.infos
     constants = _constant_values(graph, nodes)
     active = _forward_active(nodes, targets, infos)
     if score_tensor not in active:
@@ -79,24 +82,29 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
     unknown_rank = {t for n in path for t in list(n.input) + list(n.output)
                     if t and (infos.get(t) is None or infos[t].shape is None) and t not in constants}
     if unknown_rank:
-        infos = dict(infos)
         infos.update(probe_infos(model, sorted(unknown_rank)))
-
-    taken = set(known) | {i.name for i in graph.initializer}
-    emit = emitter or Emitter(opset, infos, taken)
-    emit.infos = infos if emitter is None else emit.infos
     ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants)
 
     if seed is None:
         seed = _add_seed_input(graph, score_tensor, infos)
     contributions: Dict[str, List[str]] = {score_tensor: [seed]}
+    totals: Dict[str, str] = {}  # gradients of targets that are themselves produced on the path
     for node_proto in reversed(path):
         view = NodeView(node_proto)
         grads_out = [_total(emit, contributions.pop(o, None), o) for o in view.outputs]
+        for o, g in zip(view.outputs, grads_out):
+            if o in targets and g is not None:
+                totals[o] = g
         if all(g is None for g in grads_out):
             continue
         rule = get_rule(view.op)
-        result = rule.fn(ctx, view, grads_out)
+        try:
+            result = rule.fn(ctx, view, grads_out)
+        except (NotImplementedError, KeyError) as exc:
+            detail = exc.args[0] if exc.args else type(exc).__name__
+            raise UnsupportedModelError(
+                f"node {view.name or '(unnamed)'!r} ({view.op}, opset {opset}): cannot build its gradient: "
+                f"{detail}; {_CUSTOM_HINT}") from None
         for i, g in _as_items(result, len(view.inputs)):
             name = view.input(i)
             if g is None or name is None or name not in active:
@@ -106,16 +114,28 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
 
     gradients = {}
     for target in targets:
-        total = _total(emit, contributions.get(target), target)
+        total = totals.get(target) or _total(emit, contributions.get(target), target)
         if total is None:
             raise UnsupportedModelError(f"no gradient reaches tensor {target!r} from {score_tensor!r}")
         if total in known or total == seed:  # never expose a forward tensor under a gradient name
             total = emit.op("Identity", total, hint="grad")
         gradients[target] = total
+    flush(emit, graph)
+    return GradientGraph(model, gradients, seed, emit)
+
+
+def new_emitter(model: onnx.ModelProto, infos: Optional[Dict[str, TensorInfo]] = None) -> Emitter:
+    """An emitter for `model` at its own opset, knowing every tensor name already taken."""
+    graph = model.graph
+    taken = _known_tensors(graph, graph.node) | {n.name for n in graph.node if n.name}
+    return Emitter(default_opset(model), infos if infos is not None else infer_infos(model), taken)
+
+
+def flush(emit: Emitter, graph) -> None:
+    """Append what `emit` has accumulated to the graph (after every forward node: topological)."""
     graph.node.extend(emit.nodes)
     graph.initializer.extend(emit.initializers)
     emit.nodes, emit.initializers = [], []
-    return GradientGraph(model, gradients, seed, emit)
 
 
 # ---------------------------------------------------------------------- graph analysis

@@ -1,0 +1,187 @@
+"""The augmenter: adds the gradient subgraph and the CAM computation to a model as new outputs.
+
+Contract of the augmented model (an API; see the README):
+  inputs  = the original inputs + optional ``onnxcam_class`` (int64 [N]; -1 or omitted: top class)
+  outputs = the original outputs, untouched
+          + ``onnxcam_cam`` (float32 [N, H, W] in [0, 1] at the input's resolution)
+          + ``onnxcam_class_index`` (int64 [N]) + ``onnxcam_score`` (float32 [N])
+          + ``onnxcam_layer_cams`` (float32 [N, L, H, W]) when several layers are explained.
+In vjp mode: input ``onnxcam_seed`` (cotangent of the named tensor), outputs
+``onnxcam_activation`` and ``onnxcam_gradient`` of one target tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..autodiff.gradients import SEED_INPUT, add_gradients, check_opset, default_opset, flush, new_emitter
+from ..autodiff.shapes import TensorInfo, make_value_info
+from ..errors import UsageError
+from ..modelio import load_model
+from .inputs import image_input
+from .layers import candidate_layers, choose_output, logits_for, resolve_layers
+from .methods import METHODS, METHODS_REGISTRY
+
+CLASS_INPUT = "onnxcam_class"
+CAM_OUTPUT = "onnxcam_cam"
+LAYER_CAMS_OUTPUT = "onnxcam_layer_cams"
+CLASS_OUTPUT = "onnxcam_class_index"
+SCORE_OUTPUT = "onnxcam_score"
+ACTIVATION_OUTPUT = "onnxcam_activation"
+GRADIENT_OUTPUT = "onnxcam_gradient"
+NORMALISE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
+
+
+def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gradcam", output: Optional[str] = None,
+            vjp: bool = False, keep_probabilities: bool = False, counterfactual: bool = False) -> onnx.ModelProto:
+    """Return a copy of `model` (path or ModelProto) that also computes its explanation.
+
+    layer: "auto", a tensor name, or several (one map each, plus their fused mean).
+    method: one of METHODS. output: the graph output (or tensor) to explain.
+    keep_probabilities: differentiate the Softmax/Sigmoid output itself instead of its logits.
+    counterfactual: negate the gradients (regions that argue against the class).
+    vjp: expose the raw engine instead of a CAM (see the module docstring).
+    """
+    if method not in METHODS_REGISTRY:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    label = model if isinstance(model, str) else "model"
+    proto = copy.deepcopy(load_model(model))
+    check_opset(default_opset(proto), str(label))
+    emit = new_emitter(proto)
+    infos = emit.infos
+    out = choose_output(proto, output, infos)
+    score = out if (keep_probabilities or vjp) else logits_for(proto, out)[0]
+    candidates = candidate_layers(proto, score, infos)
+    all_tensors = {t for n in proto.graph.node for t in n.output} | {i.name for i in proto.graph.input}
+    targets = resolve_layers(layer, candidates, all_tensors, str(label))
+    if vjp:
+        return _augment_vjp(proto, targets, out, emit)
+
+    image = image_input(proto)
+    class_index, seed = _class_and_seed(proto, emit, out, score, image, counterfactual)
+    score_value = _score(emit, seed, score, out, counterfactual)
+    built = add_gradients(proto, targets, score, seed=seed, emitter=emit)
+
+    cams = []
+    for target in targets:
+        activation, gradient = _as_float32(emit, target), _as_float32(emit, built.gradients[target])
+        raw = METHODS_REGISTRY[method](emit, activation, gradient)
+        cams.append(_upsample(emit, _normalise(emit, emit.op("Relu", raw)), image))
+    stacked = cams[0] if len(cams) == 1 else emit.op("Concat", *cams, axis=1)
+    # pytorch-grad-cam's multi-layer aggregation (also applied to one layer): relu, mean, rescale.
+    fused = _normalise(emit, emit.reduce("ReduceMean", emit.op("Relu", stacked), [1], keepdims=True))
+    cam = emit.squeeze(fused, [1])
+    _expose(proto, emit, cam, CAM_OUTPUT, TensorProto.FLOAT, _image_dims(image))
+    if len(cams) > 1:
+        n, h, w = _image_dims(image)
+        _expose(proto, emit, stacked, LAYER_CAMS_OUTPUT, TensorProto.FLOAT, (n, len(cams), h, w))
+    _expose(proto, emit, class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
+    _expose(proto, emit, score_value, SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
+    flush(emit, proto.graph)
+    _record(proto, method, targets, out, score)
+    return proto
+
+
+# ---------------------------------------------------------------------- pieces
+def _class_and_seed(proto, emit, out, score, image, counterfactual):
+    """The explained class per image (the `onnxcam_class` input, or the top class where it is -1)
+    and the one-hot seed over the output's classes, shaped like the score tensor."""
+    batch = image.shape[0] if image.shape[0] is not None else "N"
+    proto.graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, TensorProto.INT64, [batch]))
+    # An input with an initializer of the same name is optional: omitted, it defaults to [-1].
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), CLASS_INPUT))
+    emit.set_info(CLASS_INPUT, TensorProto.INT64, [batch])
+    out_rank = emit.rank(out)
+    if out_rank != 2:
+        raise UsageError(f"output {out!r} has rank {out_rank}; class explanations need a [N, classes] output")
+    top = emit.op("ArgMax", out, axis=1, keepdims=0)
+    given = emit.op("Less", CLASS_INPUT, emit.ints([0]))
+    class_index = emit.op("Where", given, top, CLASS_INPUT)
+    n_classes = emit.dims(out)[1]
+    classes = emit.op("Range", emit.const(np.array(0, np.int64), TensorProto.INT64),
+                      emit.op("Squeeze", n_classes) if not isinstance(n_classes, int)
+                      else emit.const(np.array(n_classes, np.int64), TensorProto.INT64),
+                      emit.const(np.array(1, np.int64), TensorProto.INT64))
+    one_hot = emit.op("Equal", emit.unsqueeze(class_index, [1]), emit.unsqueeze(classes, [0]))
+    seed = emit.cast(one_hot, emit.dtype(score))
+    if counterfactual:
+        seed = emit.op("Neg", seed)
+    if emit.info(score).shape != emit.info(out).shape:  # logits behind a Flatten/Reshape
+        seed = emit.op("Reshape", seed, emit.shape_of_tensor_or_dims(score))
+    emit.set_info(seed, emit.dtype(score), emit.info(score).shape)
+    return class_index, seed
+
+
+def _score(emit, seed, score, out, counterfactual):
+    """The explained logit per image: sum(one_hot * logits) (sign undone for counterfactuals)."""
+    product = emit.op("Mul", seed, score)
+    if emit.info(score).shape != emit.info(out).shape:
+        product = emit.op("Reshape", product, emit.shape_of_tensor_or_dims(out))
+    value = emit.reduce("ReduceSum", product, [1], keepdims=False)
+    if counterfactual:
+        value = emit.op("Neg", value)
+    return _as_float32(emit, value)
+
+
+def _as_float32(emit, name):
+    return name if emit.dtype(name) == TensorProto.FLOAT else emit.cast(name, TensorProto.FLOAT)
+
+
+def _normalise(emit, cam):
+    """Per-image min-max to [0, 1] as pytorch-grad-cam: (x - min) / (max(x - min) + 1e-7)."""
+    shifted = emit.op("Sub", cam, emit.reduce("ReduceMin", cam, [1, 2, 3], keepdims=True))
+    top = emit.reduce("ReduceMax", shifted, [1, 2, 3], keepdims=True)
+    return emit.op("Div", shifted, emit.op("Add", top, emit.scalar(NORMALISE_EPS, cam)))
+
+
+def _upsample(emit, cam, image):
+    """Bilinear resize to the input's spatial size with half-pixel centres (cv2.INTER_LINEAR)."""
+    h_axis, w_axis = image.spatial_axes
+    image_dims = emit.dims(image.name)
+    cam_dims = emit.dims(emit.set_info(cam, TensorProto.FLOAT, [None, 1, None, None]))
+    sizes = emit.shape_of([cam_dims[0], 1, image_dims[h_axis], image_dims[w_axis]])
+    return emit.resize(cam, sizes, mode="linear", coordinate_transformation_mode="half_pixel")
+
+
+def _image_dims(image):
+    h_axis, w_axis = image.spatial_axes
+    return (image.shape[0], image.shape[h_axis], image.shape[w_axis])
+
+
+def _expose(proto, emit, tensor, name, dtype, shape):
+    """Make `tensor` a graph output called `name` (through an Identity: names are an API)."""
+    emit.nodes.append(helper.make_node("Identity", [tensor], [name], name=emit.fresh(f"{name}_node")))
+    shape = None if shape is None else tuple(shape)
+    proto.graph.output.append(make_value_info(name, TensorInfo(dtype, shape), symbol_prefix=name))
+
+
+def _augment_vjp(proto, targets, out, emit):
+    if len(targets) != 1:
+        raise UsageError("vjp mode exposes one target tensor; name exactly one layer")
+    target = targets[0]
+    built = add_gradients(proto, [target], out, emitter=emit)
+    info = emit.info(target)
+    _expose(proto, emit, target, ACTIVATION_OUTPUT, info.dtype or TensorProto.FLOAT, info.shape)
+    _expose(proto, emit, built.gradients[target], GRADIENT_OUTPUT, info.dtype or TensorProto.FLOAT, info.shape)
+    flush(emit, proto.graph)
+    _record(proto, "vjp", [target], out, out)
+    return proto
+
+
+def _record(proto, method, targets, output, score):
+    """Leave what was done in the model's metadata (readable by any runtime)."""
+    entries = {"onnxcam.method": method, "onnxcam.layers": ",".join(targets), "onnxcam.output": output,
+               "onnxcam.score_tensor": score}
+    from .. import __version__
+    entries["onnxcam.version"] = __version__
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in entries.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            proto.metadata_props.add(key=key, value=value)
