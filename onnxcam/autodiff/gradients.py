@@ -70,11 +70,14 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
     infos = emit.infos
     constants = _constant_values(graph, nodes)
     active = _forward_active(nodes, targets, infos)
+    feeding = _feeds(score_tensor, producers)
     if score_tensor not in active:
+        blocked = [f"node {n.name or '(unnamed)'!r} ({n.op_type}{_QUANTIZED.get(n.op_type, '')})" for n in nodes
+                   if _touches(n, active) and any(o in feeding for o in n.output)]
+        where = f"; the path is cut at {', '.join(blocked)}" if blocked else ""
         raise UnsupportedModelError(
             f"the score tensor {score_tensor!r} does not depend on {', '.join(map(repr, targets))} through "
-            "differentiable ops; pick a layer that feeds the chosen output")
-    feeding = _feeds(score_tensor, producers)
+            f"differentiable ops{where}; pick a layer that feeds the chosen output")
     path = [n for n in nodes if any(o in active and o in feeding for o in n.output)
             and _touches(n, active)]
     _refuse_missing_rules(path, opset)
@@ -251,6 +254,12 @@ def _feeds(score_tensor, producers) -> set:
                 seen.add(i)
                 stack.append(i)
     return seen
+
+
+_QUANTIZED = {op: ": quantized op, explain the float model instead" for op in (
+    "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QuantizeLinear", "DynamicQuantizeLinear")}
+_QUANTIZED.update({op: ": integer output, no gradient" for op in ("ArgMax", "ArgMin", "TopK", "NonMaxSuppression",
+                                                                   "Cast", "NonZero")})
 
 
 def _refuse_missing_rules(path, opset) -> None:
