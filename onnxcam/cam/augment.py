@@ -15,9 +15,8 @@ from __future__ import annotations
 import copy
 from typing import List, Optional, Sequence, Union
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..autodiff.gradients import SEED_INPUT, add_gradients, check_opset, default_opset, flush, new_emitter
 from ..autodiff.shapes import TensorInfo, make_value_info
@@ -26,8 +25,8 @@ from ..modelio import load_model
 from .inputs import image_input
 from .layers import candidate_layers, choose_output, logits_for, resolve_layers
 from .methods import METHODS, METHODS_REGISTRY
+from .targets import CLASS_INPUT, TARGETS
 
-CLASS_INPUT = "onnxcam_class"
 CAM_OUTPUT = "onnxcam_cam"
 LAYER_CAMS_OUTPUT = "onnxcam_layer_cams"
 CLASS_OUTPUT = "onnxcam_class_index"
@@ -38,7 +37,8 @@ NORMALISE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 
 
 def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gradcam", output: Optional[str] = None,
-            vjp: bool = False, keep_probabilities: bool = False, counterfactual: bool = False) -> onnx.ModelProto:
+            vjp: bool = False, keep_probabilities: bool = False, counterfactual: bool = False,
+            target: str = "class", target_options: Optional[dict] = None) -> onnx.ModelProto:
     """Return a copy of `model` (path or ModelProto) that also computes its explanation.
 
     layer: "auto", a tensor name, or several (one map each, plus their fused mean).
@@ -46,6 +46,7 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     keep_probabilities: differentiate the Softmax/Sigmoid output itself instead of its logits.
     counterfactual: negate the gradients (regions that argue against the class).
     vjp: expose the raw engine instead of a CAM (see the module docstring).
+    target: the score definition (see cam/targets.py), with `target_options` for it.
     """
     if method not in METHODS_REGISTRY:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -63,8 +64,11 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
         return _augment_vjp(proto, targets, out, emit)
 
     image = image_input(proto)
-    class_index, seed = _class_and_seed(proto, emit, out, score, image, counterfactual)
-    score_value = _score(emit, seed, score, out, counterfactual)
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    spec = TARGETS[target](proto, emit, out, score, image, **(target_options or {}))
+    seed = emit.op("Neg", spec.seed) if counterfactual else spec.seed
+    emit.set_info(seed, emit.dtype(score), emit.info(score).shape)
     built = add_gradients(proto, targets, score, seed=seed, emitter=emit)
 
     cams = []
@@ -80,54 +84,16 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     if len(cams) > 1:
         n, h, w = _image_dims(image)
         _expose(proto, emit, stacked, LAYER_CAMS_OUTPUT, TensorProto.FLOAT, (n, len(cams), h, w))
-    _expose(proto, emit, class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
-    _expose(proto, emit, score_value, SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
+    _expose(proto, emit, spec.class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
+    _expose(proto, emit, _as_float32(emit, spec.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
+    for name, (tensor, dtype, shape) in spec.extra_outputs.items():
+        _expose(proto, emit, tensor, name, dtype, shape)
     flush(emit, proto.graph)
     _record(proto, method, targets, out, score)
     return proto
 
 
 # ---------------------------------------------------------------------- pieces
-def _class_and_seed(proto, emit, out, score, image, counterfactual):
-    """The explained class per image (the `onnxcam_class` input, or the top class where it is -1)
-    and the one-hot seed over the output's classes, shaped like the score tensor."""
-    batch = image.shape[0] if image.shape[0] is not None else "N"
-    proto.graph.input.append(helper.make_tensor_value_info(CLASS_INPUT, TensorProto.INT64, [batch]))
-    # An input with an initializer of the same name is optional: omitted, it defaults to [-1].
-    proto.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), CLASS_INPUT))
-    emit.set_info(CLASS_INPUT, TensorProto.INT64, [batch])
-    out_rank = emit.rank(out)
-    if out_rank != 2:
-        raise UsageError(f"output {out!r} has rank {out_rank}; class explanations need a [N, classes] output")
-    top = emit.op("ArgMax", out, axis=1, keepdims=0)
-    given = emit.op("Less", CLASS_INPUT, emit.ints([0]))
-    class_index = emit.op("Where", given, top, CLASS_INPUT)
-    n_classes = emit.dims(out)[1]
-    classes = emit.op("Range", emit.const(np.array(0, np.int64), TensorProto.INT64),
-                      emit.op("Squeeze", n_classes) if not isinstance(n_classes, int)
-                      else emit.const(np.array(n_classes, np.int64), TensorProto.INT64),
-                      emit.const(np.array(1, np.int64), TensorProto.INT64))
-    one_hot = emit.op("Equal", emit.unsqueeze(class_index, [1]), emit.unsqueeze(classes, [0]))
-    seed = emit.cast(one_hot, emit.dtype(score))
-    if counterfactual:
-        seed = emit.op("Neg", seed)
-    if emit.info(score).shape != emit.info(out).shape:  # logits behind a Flatten/Reshape
-        seed = emit.op("Reshape", seed, emit.shape_of_tensor_or_dims(score))
-    emit.set_info(seed, emit.dtype(score), emit.info(score).shape)
-    return class_index, seed
-
-
-def _score(emit, seed, score, out, counterfactual):
-    """The explained logit per image: sum(one_hot * logits) (sign undone for counterfactuals)."""
-    product = emit.op("Mul", seed, score)
-    if emit.info(score).shape != emit.info(out).shape:
-        product = emit.op("Reshape", product, emit.shape_of_tensor_or_dims(out))
-    value = emit.reduce("ReduceSum", product, [1], keepdims=False)
-    if counterfactual:
-        value = emit.op("Neg", value)
-    return _as_float32(emit, value)
-
-
 def _as_float32(emit, name):
     return name if emit.dtype(name) == TensorProto.FLOAT else emit.cast(name, TensorProto.FLOAT)
 
