@@ -25,6 +25,7 @@ from ..modelio import load_model
 from .inputs import image_input
 from .layers import candidate_layers, choose_output, logits_for, resolve_layers
 from .methods import METHODS, METHODS_REGISTRY
+from .spatial import activation_layout, to_nchw
 from .targets import CLASS_INPUT, TARGETS
 
 CAM_OUTPUT = "onnxcam_cam"
@@ -38,7 +39,8 @@ NORMALISE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 
 def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gradcam", output: Optional[str] = None,
             vjp: bool = False, keep_probabilities: bool = False, counterfactual: bool = False,
-            target: str = "class", target_options: Optional[dict] = None) -> onnx.ModelProto:
+            target: str = "class", target_options: Optional[dict] = None,
+            activation_layout_hint: str = "auto", token_grid=None) -> onnx.ModelProto:
     """Return a copy of `model` (path or ModelProto) that also computes its explanation.
 
     layer: "auto", a tensor name, or several (one map each, plus their fused mean).
@@ -47,6 +49,8 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     counterfactual: negate the gradients (regions that argue against the class).
     vjp: expose the raw engine instead of a CAM (see the module docstring).
     target: the score definition (see cam/targets.py), with `target_options` for it.
+    activation_layout_hint: "auto", "NCHW", "NHWC" or "tokens" for the target tensors;
+    token_grid: (extra_tokens, h, w) for token targets when it cannot be inferred.
     """
     if method not in METHODS_REGISTRY:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -70,10 +74,14 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     seed = emit.op("Neg", spec.seed) if counterfactual else spec.seed
     emit.set_info(seed, emit.dtype(score), emit.info(score).shape)
     built = add_gradients(proto, targets, score, seed=seed, emitter=emit)
+    for name in targets:  # gradients are shaped like their targets
+        emit.infos[built.gradients[name]] = emit.info(name)
 
     cams = []
-    for target in targets:
-        activation, gradient = _as_float32(emit, target), _as_float32(emit, built.gradients[target])
+    for name in targets:
+        layout = activation_layout(emit, name, image, activation_layout_hint)
+        activation = to_nchw(emit, _as_float32(emit, name), image, layout, token_grid)
+        gradient = to_nchw(emit, _as_float32(emit, built.gradients[name]), image, layout, token_grid)
         raw = METHODS_REGISTRY[method](emit, activation, gradient)
         cams.append(_upsample(emit, _normalise(emit, emit.op("Relu", raw)), image))
     stacked = cams[0] if len(cams) == 1 else emit.op("Concat", *cams, axis=1)

@@ -98,14 +98,72 @@ def candidate_layers(model: onnx.ModelProto, score: str, infos: Dict[str, Tensor
             infos.update(probe_infos(model, unknown))
         except Exception:
             pass  # listing is best-effort for tensors whose rank nothing can tell
-    found = []
-    for node in nodes:
+    found, order = [], {}
+    for index, node in enumerate(nodes):
         for out in node.output:
+            order[out] = index
             info = infos.get(out)
             if out in feeders and out not in constants and info is not None and info.rank == 4 and info.is_float:
                 found.append(LayerInfo(out, node.op_type, node.name, info.shape))
     auto = auto_layer(found)
+    tokens = token_layers(nodes, feeders, infos, order)
+    if tokens and (auto is None or order[tokens[-1].name] > order[auto]):
+        # A transformer: attention follows the last feature map (the patch embedding).
+        found = sorted(found + tokens, key=lambda l: order[l.name])
+        auto = auto_token_layer(nodes, tokens, feeders) or auto
     return [LayerInfo(l.name, l.op, l.node, l.shape, l.name == auto) for l in found]
+
+
+def _norm_outputs(nodes) -> Dict[str, onnx.NodeProto]:
+    """Outputs of layer norms: the LayerNormalization op, or the decomposed pattern
+    (x - mean) / Sqrt(var + eps) [* gamma] [+ beta] that older exports write."""
+    producers = {o: n for n in nodes for o in n.output}
+    consumers: Dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = {}
+    for n in nodes:
+        if n.op_type == "LayerNormalization":
+            found[n.output[0]] = n
+        elif n.op_type == "Div" and len(n.input) == 2 and getattr(producers.get(n.input[1]), "op_type", "") == "Sqrt":
+            out, node = n.output[0], n
+            for op in ("Mul", "Add"):  # gamma, then beta
+                nxt = consumers.get(out, [])
+                if len(nxt) == 1 and nxt[0].op_type == op:
+                    node, out = nxt[0], nxt[0].output[0]
+            found[out] = node
+    return found
+
+
+def token_layers(nodes, feeders, infos, order) -> List[LayerInfo]:
+    """Token activations [N, T, C] (T > 1) produced by a layer norm on the path to the score."""
+    out = []
+    for name, node in _norm_outputs(nodes).items():
+        info = infos.get(name)
+        if name in feeders and info is not None and info.rank == 3 and info.is_float and info.shape[1] != 1:
+            out.append(LayerInfo(name, node.op_type, node.name, info.shape))
+    return sorted(out, key=lambda l: order[l.name])
+
+
+def auto_token_layer(nodes, tokens: Sequence[LayerInfo], feeders) -> Optional[str]:
+    """The last norm output that still feeds an attention Softmax: its every token gets a gradient
+    (pytorch-grad-cam's ViT recipe uses blocks[-1].norm1; later norms only see the class token)."""
+    consumers: Dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for layer in reversed(tokens):
+        seen, stack = {layer.name}, [layer.name]
+        while stack:
+            for node in consumers.get(stack.pop(), []):
+                if node.op_type == "Softmax" and node.output[0] in feeders:
+                    return layer.name
+                for o in node.output:
+                    if o not in seen and o in feeders:
+                        seen.add(o)
+                        stack.append(o)
+    return tokens[-1].name if tokens else None
 
 
 def _spatial(shape) -> bool:
