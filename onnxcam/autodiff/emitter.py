@@ -23,6 +23,25 @@ FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, Tenso
 INT64_MAX = np.iinfo(np.int64).max
 
 
+_BOOL_OPS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Not", "Xor", "IsNaN", "IsInf"}
+_INT64_OPS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
+
+
+def _output_dtype(op_type, inputs, attrs, emit):
+    """The element type of an emitted node's output, so later helpers know what they hold."""
+    if op_type == "Cast":
+        return attrs["to"]
+    if op_type in _BOOL_OPS:
+        return TensorProto.BOOL
+    if op_type in _INT64_OPS:
+        return TensorProto.INT64
+    if op_type == "ConstantOfShape":
+        return attrs["value"].data_type if "value" in attrs else TensorProto.FLOAT
+    if op_type == "Where" and len(inputs) > 1:
+        return emit.info(inputs[1]).dtype
+    return emit.info(inputs[0]).dtype if inputs and inputs[0] else None
+
+
 class Emitter:
     """Accumulates new nodes and initializers for one graph at one opset."""
 
@@ -55,6 +74,9 @@ class Emitter:
             ins.pop()
         node = helper.make_node(op_type, ins, outs, name=self.fresh(f"{hint}_node"), **attrs)
         self.nodes.append(node)
+        dtype = _output_dtype(op_type, ins, attrs, self)
+        for out in outs:
+            self.infos[out] = TensorInfo(dtype, None)
         return outs[0] if outputs == 1 else outs
 
     def info(self, name: str) -> TensorInfo:
@@ -160,10 +182,21 @@ class Emitter:
         return self._dim_binary("Div", lambda x, y: x // y, a, b)
 
     def d_max(self, a: Dim, b: Dim) -> Dim:
+        if self.opset < 12 and not (isinstance(a, int) and isinstance(b, int)):
+            return self._dim_select_greater(a, b, pick_greater=True)
         return self._dim_binary("Max", max, a, b)
 
     def d_min(self, a: Dim, b: Dim) -> Dim:
+        if self.opset < 12 and not (isinstance(a, int) and isinstance(b, int)):
+            return self._dim_select_greater(a, b, pick_greater=False)
         return self._dim_binary("Min", min, a, b)
+
+    def _dim_select_greater(self, a: Dim, b: Dim, pick_greater: bool) -> str:
+        """Max/Min of int64 dims before opset 12 (Max/Min accept only floats there)."""
+        ta = self.ints([a]) if isinstance(a, int) else a
+        tb = self.ints([b]) if isinstance(b, int) else b
+        greater = self.op("Greater", ta, tb)
+        return self.op("Where", greater, ta, tb) if pick_greater else self.op("Where", greater, tb, ta)
 
     def d_prod(self, dims: Sequence[Dim]) -> Dim:
         out: Dim = 1
@@ -269,3 +302,24 @@ class Emitter:
 
     def cast(self, x: str, dtype: int) -> str:
         return self.op("Cast", x, to=int(dtype))
+
+    # ------------------------------------------------------------------ appended helpers
+    def reshape(self, x: str, dims: Sequence[Dim]) -> str:
+        """Reshape to exactly `dims`. With run-time dims a size can be 0 at run time (an empty
+        slice), which plain Reshape reads as "copy the input's size": from opset 14 on, say
+        allowzero=1 (shapes built from dims never use 0 as "copy"). Before 14 that corner stays."""
+        shape = self.shape_of(dims)
+        if self.opset >= 14 and not all(isinstance(d, int) and d > 0 for d in dims):
+            return self.op("Reshape", x, shape, allowzero=1)
+        return self.op("Reshape", x, shape)
+
+    def resize_full(self, x: str, roi: Optional[str] = None, scales: Optional[str] = None,
+                    sizes: Optional[str] = None, **attrs) -> str:
+        """Resize with any of roi/scales/sizes: fills the inputs opset 11/12 require (roi, and an
+        empty `scales` when `sizes` is used) with empty constants."""
+        empty = self.const(np.zeros([0], np.float32), TensorProto.FLOAT)
+        if roi is None and self.opset < 13:
+            roi = empty
+        if scales is None and sizes is not None:
+            scales = empty
+        return self.op("Resize", x, roi, scales, sizes, **attrs)

@@ -90,11 +90,16 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
 
     if seed is None:
         seed = _add_seed_input(graph, score_tensor, infos)
-    contributions: Dict[str, List[str]] = {score_tensor: [seed]}
+    widened: Dict[str, str] = {}  # float16/bfloat16 forward tensors -> float32 copies
+    grad_seed = _widen(emit, seed, widened, constants) if emit.dtype(seed) in _NARROW else seed
+    contributions: Dict[str, List[str]] = {score_tensor: [grad_seed]}
     totals: Dict[str, str] = {}  # gradients of targets that are themselves produced on the path
     for node_proto in reversed(path):
         view = NodeView(node_proto)
         grads_out = [_total(emit, contributions.pop(o, None), o) for o in view.outputs]
+        narrow = [t for t in view.inputs + view.outputs if t and emit.info(t).dtype in _NARROW]
+        if narrow:  # half-precision models: the backward pass runs in float32 on widened copies
+            view.remap({t: _widen(emit, t, widened, constants) for t in narrow})
         for o, g in zip(view.outputs, grads_out):
             if o in targets and g is not None:
                 totals[o] = g
@@ -109,10 +114,11 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
                 f"node {view.name or '(unnamed)'!r} ({view.op}, opset {opset}): cannot build its gradient: "
                 f"{detail}; {_CUSTOM_HINT}") from None
         for i, g in _as_items(result, len(view.inputs)):
-            name = view.input(i)
+            name = view.original_input(i)
             if g is None or name is None or name not in active:
                 continue
-            emit.infos.setdefault(g, infos.get(name, TensorInfo(None, None)))
+            if emit.info(g).shape is None:  # gradients are shaped like their tensors
+                emit.infos[g] = _grad_info(infos.get(name))
             contributions.setdefault(name, []).append(g)
 
     gradients = {}
@@ -123,6 +129,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
         if total in known or total == seed:  # never expose a forward tensor under a gradient name
             total = emit.op("Identity", total, hint="grad")
         gradients[target] = total
+        emit.infos[total] = _grad_info(infos.get(target))
     flush(emit, graph)
     return GradientGraph(model, gradients, seed, emit)
 
@@ -285,13 +292,34 @@ def _add_seed_input(graph, score_tensor, infos) -> str:
     return SEED_INPUT
 
 
+_NARROW = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def _grad_info(forward: Optional[TensorInfo]) -> TensorInfo:
+    """Gradients are shaped like their tensor; half-precision ones are computed in float32."""
+    if forward is None:
+        return TensorInfo(None, None)
+    return TensorInfo(TensorProto.FLOAT if forward.dtype in _NARROW else forward.dtype, forward.shape)
+
+
+def _widen(emit: Emitter, name: str, widened: Dict[str, str], constants) -> str:
+    """A float32 copy of a half-precision tensor (one per tensor), with its shape and value known."""
+    if name not in widened:
+        wide = emit.cast(name, TensorProto.FLOAT)
+        emit.set_info(wide, TensorProto.FLOAT, emit.info(name).shape)
+        if name in constants:
+            constants[wide] = constants[name].astype(np.float32)
+        widened[name] = wide
+    return widened[name]
+
+
 def _total(emit: Emitter, parts: Optional[List[str]], like: str) -> Optional[str]:
     if not parts:
         return None
     if len(parts) == 1:
         return parts[0]
     total = emit.op("Sum", *parts, hint="grad_sum")
-    emit.infos.setdefault(total, emit.infos.get(like, TensorInfo(None, None)))
+    emit.infos[total] = _grad_info(emit.infos.get(like))
     return total
 
 

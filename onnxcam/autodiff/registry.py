@@ -83,6 +83,17 @@ class NodeView:
         """Input i, or None when absent or given as the empty name."""
         return self.inputs[i] if i < len(self.inputs) and self.inputs[i] else None
 
+    def original_input(self, i: int) -> Optional[str]:
+        """Input i's name in the graph (``inputs`` may name float32 copies of float16 tensors)."""
+        names = list(self.proto.input)
+        return names[i] if i < len(names) and names[i] else None
+
+    def remap(self, mapping: dict) -> "NodeView":
+        """Let the rule see other tensors in place of some inputs/outputs (float32 copies)."""
+        self.inputs = [mapping.get(n, n) for n in self.inputs]
+        self.outputs = [mapping.get(n, n) for n in self.outputs]
+        return self
+
 
 @dataclass
 class RuleContext:
@@ -93,7 +104,7 @@ class RuleContext:
 
     def needs(self, node: NodeView, i: int) -> bool:
         """Does input i of `node` need a gradient (it exists and depends on a target)?"""
-        name = node.input(i)
+        name = node.original_input(i)
         return name is not None and name in self.active
 
     def value(self, name: Optional[str]):

@@ -74,8 +74,6 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     seed = emit.op("Neg", spec.seed) if counterfactual else spec.seed
     emit.set_info(seed, emit.dtype(score), emit.info(score).shape)
     built = add_gradients(proto, targets, score, seed=seed, emitter=emit)
-    for name in targets:  # gradients are shaped like their targets
-        emit.infos[built.gradients[name]] = emit.info(name)
 
     cams = []
     for name in targets:
@@ -141,7 +139,8 @@ def _augment_vjp(proto, targets, out, emit):
     built = add_gradients(proto, [target], out, emitter=emit)
     info = emit.info(target)
     _expose(proto, emit, target, ACTIVATION_OUTPUT, info.dtype or TensorProto.FLOAT, info.shape)
-    _expose(proto, emit, built.gradients[target], GRADIENT_OUTPUT, info.dtype or TensorProto.FLOAT, info.shape)
+    gradient = built.gradients[target]
+    _expose(proto, emit, gradient, GRADIENT_OUTPUT, emit.info(gradient).dtype or TensorProto.FLOAT, info.shape)
     flush(emit, proto.graph)
     _record(proto, "vjp", [target], out, out)
     return proto

@@ -75,11 +75,15 @@ def hard_sigmoid(ctx, node, grads):
 
 @vjp("HardSwish")
 def hard_swish(ctx, node, grads):
-    # torch: 0 for x < -3, x/3 + 0.5 for -3 <= x <= 3, 1 above.
+    """y = x·clip(x/6 + 1/2, 0, 1), so dy/dx = 0 for x <= -3, x/3 + 1/2 for -3 < x < 3, 1 for x >= 3.
+
+    The kinks follow torch's hardswish_backward (checked on torch 2.13: 0 at exactly -3, 1 at
+    exactly 3), not the one-sided limits x/3 + 1/2 there."""
     e, x = ctx.emit, node.input(0)
     middle = e.op("Add", e.op("Div", x, e.scalar(3.0, x)), e.scalar(0.5, x))
-    local = e.op("Where", e.op("Less", x, e.scalar(-3.0, x)), e.scalar(0.0, x),
-                 e.op("Where", e.op("Greater", x, e.scalar(3.0, x)), e.scalar(1.0, x), middle))
+    local = e.op("Where", e.op("Greater", x, e.scalar(-3.0, x)),
+                 e.op("Where", e.op("Less", x, e.scalar(3.0, x)), middle, e.scalar(1.0, x)),
+                 e.scalar(0.0, x))
     return [e.op("Mul", grads[0], local)]
 
 
