@@ -70,4 +70,10 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> List[str]:
     else:
         names = ["CUDAExecutionProvider"]  # TensorRT only on request: its engine build takes minutes
     chosen = [n for n in names if provider_loads(n) and n != "CPUExecutionProvider"]
+    if requested:
+        missing = [n for n in names if n not in chosen and n != "CPUExecutionProvider"]
+        if missing:
+            import warnings
+            warnings.warn(f"{', '.join(missing)} cannot run on this machine (no CUDA libraries or device); "
+                          "using CPUExecutionProvider", RuntimeWarning, stacklevel=2)
     return chosen + ["CPUExecutionProvider"]
