@@ -62,7 +62,9 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     emit = new_emitter(proto)
     infos = emit.infos
     out = choose_output(proto, output, infos)
-    score = out if (keep_probabilities or vjp) else logits_for(proto, out)[0]
+    # Detection heads end in a Sigmoid over boxes and scores alike: their scores are the target.
+    keep = keep_probabilities or vjp or target == "detection"
+    score = out if keep else logits_for(proto, out)[0]
     candidates = candidate_layers(proto, score, infos)
     all_tensors = {t for n in proto.graph.node for t in n.output} | {i.name for i in proto.graph.input}
     targets = resolve_layers(layer, candidates, all_tensors, str(label))
