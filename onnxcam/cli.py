@@ -101,9 +101,10 @@ def main(debug):
 def layers(model, output, keep_probabilities):
     """List the layers a CAM can target; the automatic choice is marked with *."""
     from .cam.layers import layers as find_layers
-    from .modelio import graph_errors, load_model
+    from .modelio import check_graph_structure, graph_errors, load_model
 
     proto = load_model(model)
+    check_graph_structure(proto, model)
     with graph_errors(proto, model):
         found = find_layers(proto, output=output, keep_probabilities=keep_probabilities)
     if not found:
@@ -145,12 +146,13 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
     """Write a copy of MODEL that also outputs the CAM (inputs/outputs documented in the README)."""
     from .cam.augment import augment as do_augment
     from .errors import OutputError
-    from .modelio import _same_file, graph_errors, input_files, load_model, save_model
+    from .modelio import _same_file, check_graph_structure, graph_errors, input_files, load_model, save_model
 
     refuse = input_files(model) if out.exists() else []
     if any(_same_file(out, other) for other in refuse):
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
     proto = load_model(model)
+    check_graph_structure(proto, model)
     with graph_errors(proto, model):
         augmented = do_augment(proto, layer=list(layer) or "auto", method=method, output=output, vjp=vjp,
                                keep_probabilities=keep_probabilities, counterfactual=counterfactual, name=str(model))
@@ -213,7 +215,7 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
     explainer = make_explainer(model, layer, method, output, provider, keep_probabilities, counterfactual)
     n_classes = getattr(explainer, "n_classes", None)
     if class_index is not None and n_classes and class_index >= n_classes:
-        raise UsageError(f"--class {class_index} is out of range: {model} has {n_classes} classes (0..{n_classes - 1})")
+        raise UsageError(f"class index {class_index} is out of range: {model} has {n_classes} classes; use 0..{n_classes - 1}")
     created = not Path(out_dir).exists()
     ensure_output_dir(out_dir)
     try:

@@ -36,6 +36,11 @@ class NotDifferentiableError(UnsupportedModelError):
         super().__init__(msg)
 
 
+class NonFiniteError(UnsupportedModelError):
+    """The model's own outputs (or the explanation) are NaN/Inf for a finite input: its weights or its
+    arithmetic are broken. Reported instead of returning a NaN map."""
+
+
 class LayerNotFoundError(UsageError):
     """A named target layer or output does not exist; the message suggests close matches."""
 

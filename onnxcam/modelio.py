@@ -1,14 +1,23 @@
-"""Loading and saving ONNX models with clear errors, the input's IR version kept, atomic writes."""
+"""Loading and saving ONNX models with clear errors, the input's IR version kept, atomic writes.
+
+Loading is defensive: a file that is not ONNX, an external-data entry that points outside the
+model's folder (checked before anything is read) and a weight whose byte count does not match its
+shape all end in a ModelLoadError naming the file and the tensor. `graph_errors` turns a crash of
+onnxcam's graph code on a malformed graph into an UnsupportedModelError that says what is wrong.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from .errors import ModelLoadError, OutputError
+from .errors import ModelLoadError, OnnxcamError, OutputError, UnsupportedModelError
 
 # 2 GB protobuf limit: larger models must keep their weights in external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -17,17 +26,27 @@ _PROTOBUF_LIMIT = 2**31 - 1
 def load_model(model, load_external_data: bool = True) -> onnx.ModelProto:
     """Return a ModelProto from a path or a ModelProto; raise ModelLoadError with a clear message."""
     if isinstance(model, onnx.ModelProto):
+        _check_tensor_sizes(model, "model")
         return model
     path = Path(os.fspath(model))
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file; give the path of an .onnx model")
-    if path.is_dir():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such file; give the path of an .onnx model") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot open the model ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
         raise ModelLoadError(f"{path}: is a directory, not an .onnx model file")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{path}: is not a regular file; give the path of an .onnx model")
+    if info.st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty; re-export the model")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and others
+        kind = _sniff(path)
+        if kind:
+            raise ModelLoadError(f"{path}: this is {kind}, not an ONNX model; give the path of an .onnx file") from None
         raise ModelLoadError(
             f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated or of another format?"
         ) from None
@@ -38,9 +57,65 @@ def load_model(model, load_external_data: bool = True) -> onnx.ModelProto:
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
-            raise ModelLoadError(f"{path}: external weight data could not be read ({exc}); "
-                                 "keep the data files beside the model") from None
+            raise ModelLoadError(f"{path}: external weight data does not match the model "
+                                 f"({_first_line(exc)}); save the model and its data file together again") from None
+    _check_tensor_sizes(proto, path)
     return proto
+
+
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"BM", "a BMP image"), (b"PK\x03\x04", "a zip archive (a .pt/.pth or .npz?)"),
+          (b"\x80\x02", "a Python pickle (a PyTorch checkpoint?)"), (b"\x93NUMPY", "a numpy .npy file"),
+          (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def _sniff(path) -> str:
+    """What a file that is not ONNX looks like, from its first bytes ("" when unknown)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return ""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    return ""
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_tensor_sizes(proto: onnx.ModelProto, path) -> None:
+    """Every weight stored as raw bytes must hold exactly prod(dims) elements (a corrupt or
+    mismatched data file otherwise surfaces later as an obscure reshape error)."""
+    for tensor in _all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # not loaded (load_external_data=False)
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has a negative dimension {list(tensor.dims)}; "
+                                 "the file is corrupt, re-export the model")
+        if not tensor.HasField("raw_data"):
+            continue
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except Exception:
+            continue  # sub-byte or unknown types: left to the runtime
+        if tensor.data_type in _PACKED_TYPES or itemsize == 0:
+            continue
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        if len(tensor.raw_data) != expected:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} of shape {list(tensor.dims)} holds "
+                                 f"{len(tensor.raw_data)} bytes, expected {expected}; the file or its external "
+                                 "data is corrupt or does not belong to this model")
+
+
+# Types packed below one byte per element (INT4/UINT4, FLOAT4, INT2/UINT2): numpy's itemsize lies.
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2")
+                 if hasattr(onnx.TensorProto, n)}
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
@@ -60,15 +135,29 @@ def _check_external_locations(proto, base_dir: Path, path: Path) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        if "\0" in location:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has a malformed external data location; refused")
         if not location or os.path.isabs(location):
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} points at external data {location!r} "
                                  "outside the model's folder; refused")
-        target = (base / location).resolve()
+        for key in ("offset", "length"):
+            if key in info and not info[key].isdigit():
+                raise ModelLoadError(f"{path}: tensor {tensor.name!r} has external data {key} {info[key]!r}, not a "
+                                     "non-negative integer; the model file is corrupt")
+        try:
+            target = (base / location).resolve()
+        except (OSError, RuntimeError, ValueError):
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} points at external data {location!r} that cannot "
+                                 "be resolved (a symlink loop?); refused") from None
         if base != target and base not in target.parents:
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} points at external data {location!r} "
                                  "outside the model's folder; refused")
-        if not target.is_file():
-            raise ModelLoadError(f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing")
+        if not target.exists():
+            raise ModelLoadError(f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing; "
+                                 "keep the data files beside the model")
+        if not stat.S_ISREG(target.stat().st_mode):
+            raise ModelLoadError(f"{path}: external data {location!r} of tensor {tensor.name!r} is not a regular "
+                                 "file; refused")
 
 
 def save_model(proto: onnx.ModelProto, out_path, refuse=()) -> Path:
@@ -78,16 +167,20 @@ def save_model(proto: onnx.ModelProto, out_path, refuse=()) -> Path:
     """
     out = Path(os.fspath(out_path))
     for other in refuse:
-        if other is not None and Path(os.fspath(other)).exists() and out.exists() \
-                and out.resolve() == Path(os.fspath(other)).resolve():
-            raise OutputError(f"{out}: refusing to overwrite the input model; choose another output path")
+        if other is not None and _same_file(out, other):
+            raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
     out_dir = out.parent if str(out.parent) else Path(".")
-    if not out_dir.exists():
+    if not out_dir.is_dir():
         raise OutputError(f"{out_dir}: output directory does not exist")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; give a file name for the model")
     if not os.access(out_dir, os.W_OK):
         raise OutputError(f"{out_dir}: output directory is not writable")
     large = proto.ByteSize() > _PROTOBUF_LIMIT if _fits_bytesize(proto) else True
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
+    except OSError as exc:
+        raise OutputError(f"{out}: could not write the model ({exc.strerror or exc})") from None
     os.close(fd)
     try:
         if large:
@@ -104,6 +197,34 @@ def save_model(proto: onnx.ModelProto, out_path, refuse=()) -> Path:
         _unlink_quietly(tmp)
         raise
     return out
+
+
+def input_files(model_path) -> list:
+    """The model file and the external data files it names: what an output must never overwrite."""
+    if model_path is None or isinstance(model_path, onnx.ModelProto):
+        return []
+    path = Path(os.fspath(model_path))
+    files = [path]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return files
+    for tensor in _all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value and "\0" not in entry.value:
+                files.append(path.parent / entry.value)
+    return files
+
+
+def _same_file(a, b) -> bool:
+    """True when `a` and `b` name one file (same path, a symlink or a hard link to it)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        try:
+            return Path(os.fspath(a)).resolve() == Path(os.fspath(b)).resolve()
+        except (OSError, RuntimeError, ValueError):
+            return False
 
 
 def _fits_bytesize(proto) -> bool:
@@ -124,3 +245,84 @@ def _unlink_quietly(path) -> None:
 def serialize_for_runtime(proto: onnx.ModelProto) -> bytes:
     """Bytes an InferenceSession accepts (models under 2 GB)."""
     return proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def graph_errors(proto: onnx.ModelProto, label="model"):
+    """Turn a crash of onnxcam's graph code into an UnsupportedModelError when the graph is at fault.
+
+    onnxcam's graph walkers assume a well-formed graph; on a malformed one (a node reading a tensor
+    nothing produces, an attribute of the wrong type...) they may fail with KeyError, ValueError
+    and the like. When that happens the ONNX checker says what is wrong with the graph, and that is
+    the message. When the checker finds the graph valid the crash is onnxcam's bug and propagates.
+    """
+    try:
+        yield
+    except OnnxcamError:
+        raise
+    except Exception as exc:
+        problem = graph_problem(proto)
+        if problem is not None:
+            raise UnsupportedModelError(f"{label}: the graph is malformed ({problem}); fix or re-export the "
+                                        "model (onnx.checker.check_model explains)") from exc
+        if type(exc).__module__.startswith("onnxruntime"):
+            # onnxcam runs the model to learn shapes the file does not state; ORT refused it.
+            first = " ".join(str(exc).split())[:400]
+            raise UnsupportedModelError(f"{label}: ONNX Runtime cannot run this model ({first}); check that it runs "
+                                        "in onnxruntime on its own") from exc
+        raise
+
+
+def graph_problem(proto: onnx.ModelProto):
+    """One line saying why `proto` is not a valid ONNX graph, or None when the checker accepts it."""
+    try:
+        if _fits_bytesize(proto) and proto.ByteSize() < _PROTOBUF_LIMIT:
+            onnx.checker.check_model(proto, full_check=True)
+        else:
+            return None
+    except Exception as exc:  # ValidationError, and anything a garbage proto makes the checker raise
+        text = " ".join(str(exc).replace("==> Context:", ";").split())
+        return (text or type(exc).__name__)[:400]
+    return None
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes held in initializers: a cheap stand-in for ByteSize(), which walks the whole message
+    (most of a second on ResNet-50) just to decide between memory and external data."""
+    total = 0
+    for tensor in proto.graph.initializer:
+        total += len(tensor.raw_data) or 8 * (len(tensor.float_data) + len(tensor.int64_data) + len(tensor.int32_data)
+                                              + len(tensor.double_data))
+    return total
+
+
+def check_graph_structure(proto: onnx.ModelProto, label="model") -> None:
+    """Refuse a main graph whose wiring is broken, with the node at fault named: a node reading a
+    tensor that nothing produces, two producers of one tensor, an output nothing computes. ONNX
+    Runtime refuses these too; catching them first gives the message instead of a confusing one
+    from the graph analysis. (Subgraphs may read outer names and are left to the runtime.)"""
+    graph = proto.graph
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    available |= {t.values.name for t in graph.sparse_initializer}
+    producer = {}
+    for node in graph.node:
+        for out in node.output:
+            if not out:
+                continue
+            if out in producer or out in available:
+                first = producer.get(out)
+                by = f"node {first.name!r} ({first.op_type})" if first is not None else "a graph input or initializer"
+                raise UnsupportedModelError(f"{label}: tensor {out!r} is produced by both {by} and node {node.name!r} "
+                                            f"({node.op_type}); the graph is malformed, re-export the model")
+            producer[out] = node
+    known = available | set(producer)
+    for node in graph.node:
+        for name in node.input:
+            if name not in known:
+                raise UnsupportedModelError(f"{label}: node {node.name!r} ({node.op_type}) reads tensor {name!r} that no "
+                                            "node, input or initializer produces; the graph is malformed, re-export "
+                                            "the model")
+    for out in graph.output:
+        if out.name not in known:
+            raise UnsupportedModelError(f"{label}: graph output {out.name!r} is not computed by any node; the graph "
+                                        "is malformed, re-export the model")

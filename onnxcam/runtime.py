@@ -13,7 +13,7 @@ import onnx
 from .cam.augment import CAM_OUTPUT, CLASS_INPUT, CLASS_OUTPUT, LAYER_CAMS_OUTPUT, SCORE_OUTPUT, augment
 from .cam.inputs import image_input
 from .errors import InputError, ModelLoadError, NonFiniteError, OnnxcamError, UnsupportedModelError
-from .modelio import graph_errors, load_model
+from .modelio import check_graph_structure, graph_errors, load_model, weight_bytes
 from .providers import choose_providers
 
 
@@ -39,6 +39,7 @@ class Explainer:
         original = load_model(model)
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         self.label = label or "model"
+        check_graph_structure(original, self.label)
         try:
             image_input(original)  # "no 4-D float input" before any talk of layers
         except UnsupportedModelError as exc:
@@ -173,6 +174,7 @@ def augment_model(model, name: Optional[str] = None, **options) -> onnx.ModelPro
     the graph code on a malformed graph reported as UnsupportedModelError (see modelio.graph_errors)."""
     label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
     proto = load_model(model)
+    check_graph_structure(proto, label)
     with graph_errors(proto, label):
         return augment(proto, name=label, **options)
 
@@ -207,7 +209,7 @@ def _new_session(proto: onnx.ModelProto, options, providers):
     data (removed once the session holds the weights)."""
     import onnxruntime as ort
 
-    if proto.ByteSize() < 2**31 - 1:
+    if weight_bytes(proto) < 2**31 - 2**26:  # leave room for the graph itself
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     import tempfile
     from pathlib import Path

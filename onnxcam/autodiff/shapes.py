@@ -62,19 +62,35 @@ def infer_infos(model: onnx.ModelProto) -> Dict[str, TensorInfo]:
     return infos
 
 
+_SMALL_TENSOR = 1024  # elements; kept as values: data propagation of shapes may need them
+
+
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy light enough for shape inference (large raw weights replaced by empty-bodied stubs
-    is not possible without losing values that data propagation needs, so only very large
-    models are stripped)."""
-    if model.ByteSize() < 1_500_000_000:
-        return model
+    """A copy for shape inference with large floating-point weights turned into typed graph
+    inputs: serialising 100 MB of weights costs more than the inference itself, and only their
+    shapes matter (small and integer tensors stay, for data propagation)."""
     light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:
-        if init.ByteSize() > 1024:
-            init.ClearField("raw_data")
-            init.data_location = TensorProto.DEFAULT
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    small, stubs = [], []
+    for init in graph.initializer:
+        count = 1
+        for d in init.dims:
+            count *= d
+        if count <= _SMALL_TENSOR or init.data_type not in _FLOAT_TYPES:
+            small.append(init)
+        elif init.name not in inputs:
+            stubs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    light.graph.CopyFrom(helper.make_graph(list(graph.node), graph.name, list(graph.input) + stubs,
+                                           list(graph.output), small, value_info=list(graph.value_info)))
     return light
+
+
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def probe_infos(model: onnx.ModelProto, names: Iterable[str], input_shapes=None) -> Dict[str, TensorInfo]:
