@@ -101,12 +101,8 @@ def main(debug):
 def layers(model, output, keep_probabilities):
     """List the layers a CAM can target; the automatic choice is marked with *."""
     from .cam.layers import layers as find_layers
-    from .modelio import check_graph_structure, graph_errors, load_model
 
-    proto = load_model(model)
-    check_graph_structure(proto, model)
-    with graph_errors(proto, model):
-        found = find_layers(proto, output=output, keep_probabilities=keep_probabilities)
+    found = find_layers(model, output=output, keep_probabilities=keep_probabilities)
     if not found:
         raise UsageError(f"{model}: no 4-D activation feeds the score; nothing to explain with a CAM")
     rows = [("*" if info.auto else "", info.name, info.op, _shape(info.shape)) for info in found]
@@ -146,16 +142,14 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
     """Write a copy of MODEL that also outputs the CAM (inputs/outputs documented in the README)."""
     from .cam.augment import augment as do_augment
     from .errors import OutputError
-    from .modelio import _same_file, check_graph_structure, graph_errors, input_files, load_model, save_model
+    from .modelio import _same_file, input_files, load_model, save_model
 
     refuse = input_files(model) if out.exists() else []
     if any(_same_file(out, other) for other in refuse):
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
     proto = load_model(model)
-    check_graph_structure(proto, model)
-    with graph_errors(proto, model):
-        augmented = do_augment(proto, layer=list(layer) or "auto", method=method, output=output, vjp=vjp,
-                               keep_probabilities=keep_probabilities, counterfactual=counterfactual, name=str(model))
+    augmented = do_augment(proto, layer=list(layer) or "auto", method=method, output=output, vjp=vjp,
+                           keep_probabilities=keep_probabilities, counterfactual=counterfactual, name=str(model))
     save_model(augmented, out, refuse=refuse)
     meta = {p.key: p.value for p in augmented.metadata_props}
     click.echo(f"wrote {out} (method {meta.get('onnxcam.method', method)}, "

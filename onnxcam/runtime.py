@@ -13,7 +13,7 @@ import onnx
 from .cam.augment import CAM_OUTPUT, CLASS_INPUT, CLASS_OUTPUT, LAYER_CAMS_OUTPUT, SCORE_OUTPUT, augment
 from .cam.inputs import image_input
 from .errors import InputError, ModelLoadError, NonFiniteError, OnnxcamError, UnsupportedModelError
-from .modelio import check_graph_structure, graph_errors, load_model, weight_bytes
+from .modelio import load_model, weight_bytes
 from .providers import choose_providers
 
 
@@ -39,15 +39,9 @@ class Explainer:
         original = load_model(model)
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         self.label = label or "model"
-        check_graph_structure(original, self.label)
-        try:
-            image_input(original)  # "no 4-D float input" before any talk of layers
-        except UnsupportedModelError as exc:
-            raise UnsupportedModelError(f"{self.label}: {exc}") from None
-        with graph_errors(original, self.label):
-            self.augmented = augment(original, layer=layer, method=method, output=output, name=label,
-                                     keep_probabilities=keep_probabilities, counterfactual=counterfactual,
-                                     target=target, target_options=target_options)
+        self.augmented = augment(original, layer=layer, method=method, output=output, name=self.label,
+                                 keep_probabilities=keep_probabilities, counterfactual=counterfactual,
+                                 target=target, target_options=target_options)
         meta = {p.key: p.value for p in self.augmented.metadata_props}
         self.method = method
         self.layers: List[str] = meta["onnxcam.layers"].split(",")
@@ -167,16 +161,6 @@ class Explainer:
             limit = f"0..{self.n_classes - 1}" if self.n_classes else ">= 0"
             raise InputError(f"class index {int(bad[0])} is out of range: use {limit}, or -1 for the top class")
         return classes
-
-
-def augment_model(model, name: Optional[str] = None, **options) -> onnx.ModelProto:
-    """`onnxcam.augment` with the guarantees of the error API: load with clear errors, and a crash of
-    the graph code on a malformed graph reported as UnsupportedModelError (see modelio.graph_errors)."""
-    label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
-    proto = load_model(model)
-    check_graph_structure(proto, label)
-    with graph_errors(proto, label):
-        return augment(proto, name=label, **options)
 
 
 def _session(proto: onnx.ModelProto, options, providers, label: str = "model"):

@@ -22,7 +22,7 @@ from .shapes import TensorInfo, infer_infos, make_value_info, probe_infos
 
 SEED_INPUT = "onnxcam_seed"
 MIN_OPSET, MAX_OPSET = 11, 21
-_CUSTOM_HINT = ("pick a target layer nearer the output (onnxcam layers MODEL), another output, "
+_CUSTOM_HINT = ("Pick a target layer nearer the output (onnxcam layers MODEL), another output, "
                 "or file an issue with the op type")
 
 
@@ -85,7 +85,13 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
     unknown_rank = {t for n in path for t in list(n.input) + list(n.output)
                     if t and (infos.get(t) is None or infos[t].shape is None) and t not in constants}
     if unknown_rank:
-        infos.update(probe_infos(model, sorted(unknown_rank)))
+        try:
+            infos.update(probe_infos(model, sorted(unknown_rank)))
+        except Exception as exc:  # onnxruntime refused to run the model to tell the shapes
+            first = " ".join(str(exc).split())[:300]
+            raise UnsupportedModelError(f"cannot learn the shapes of {len(unknown_rank)} tensor(s) on the path by "
+                                        f"running the model in ONNX Runtime ({first}); check that the model runs "
+                                        "in onnxruntime on its own") from None
     ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants)
 
     if seed is None:
@@ -112,7 +118,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
             detail = exc.args[0] if exc.args else type(exc).__name__
             raise UnsupportedModelError(
                 f"node {view.name or '(unnamed)'!r} ({view.op}, opset {opset}): cannot build its gradient: "
-                f"{detail}; {_CUSTOM_HINT}") from None
+                f"{detail}. {_CUSTOM_HINT}") from None
         for i, g in _as_items(result, len(view.inputs)):
             name = view.original_input(i)
             if g is None or name is None or name not in active:

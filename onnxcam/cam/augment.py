@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 from ..autodiff.gradients import SEED_INPUT, add_gradients, check_opset, default_opset, flush, new_emitter
 from ..autodiff.shapes import TensorInfo, make_value_info
 from ..errors import UsageError
-from ..modelio import load_model
+from ..modelio import check_graph_structure, graph_errors, load_model
 from .inputs import image_input
 from .layers import candidate_layers, choose_output, logits_for, resolve_layers
 from .methods import METHODS, METHODS_REGISTRY
@@ -59,6 +59,16 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
     proto = copy.deepcopy(load_model(model))
     check_opset(default_opset(proto), str(label))
+    check_graph_structure(proto, label)
+    with graph_errors(proto, label):
+        return _augment(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
+                        target_options, activation_layout_hint, token_grid)
+
+
+def _augment(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
+             target_options, activation_layout_hint, token_grid):
+    if not vjp:
+        image_input(proto, label)  # the first thing a user must know: is this an image model at all?
     emit = new_emitter(proto)
     infos = emit.infos
     out = choose_output(proto, output, infos)

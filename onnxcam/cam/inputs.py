@@ -27,7 +27,7 @@ class ImageInput:
         return self.shape[1] if self.layout == "NCHW" else self.shape[3]
 
 
-def image_input(model: onnx.ModelProto) -> ImageInput:
+def image_input(model: onnx.ModelProto, label: str = "model") -> ImageInput:
     """The first 4-D floating-point graph input (models with several inputs pass others through)."""
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
@@ -36,7 +36,7 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
         info = _info_from_value_info(vi)
         if info.rank == 4 and info.is_float:
             return ImageInput(vi.name, _layout(info), info.shape, info.dtype)
-    raise UnsupportedModelError("the model has no 4-D floating-point input (an image batch); "
+    raise UnsupportedModelError(f"{label}: the model has no 4-D floating-point input (an image batch); "
                                 "onnxcam explains image models")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -12,7 +13,7 @@ from ..autodiff.gradients import _differentiable_inputs, _topological
 from ..autodiff.registry import ZERO_GRADIENT_OPS
 from ..autodiff.shapes import TensorInfo, infer_infos, probe_infos
 from ..errors import LayerNotFoundError, UnsupportedModelError, UsageError
-from ..modelio import load_model
+from ..modelio import check_graph_structure, graph_errors, load_model
 
 # Ops that turn logits into probabilities: by default we explain their input (the logit).
 PROBABILITY_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
@@ -177,13 +178,17 @@ def auto_layer(found: Sequence[LayerInfo]) -> Optional[str]:
     return spatial[-1].name if spatial else None
 
 
-def layers(model, output: Optional[str] = None, keep_probabilities: bool = False) -> List[LayerInfo]:
+def layers(model, output: Optional[str] = None, keep_probabilities: bool = False,
+           name: Optional[str] = None) -> List[LayerInfo]:
     """Candidate target layers of a model (path or ModelProto), the automatic choice marked."""
+    label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
     proto = load_model(model)
-    infos = infer_infos(proto)
-    out = choose_output(proto, output, infos)
-    score = out if keep_probabilities else logits_for(proto, out)[0]
-    return candidate_layers(proto, score, infos)
+    check_graph_structure(proto, label)
+    with graph_errors(proto, label):
+        infos = infer_infos(proto)
+        out = choose_output(proto, output, infos)
+        score = out if keep_probabilities else logits_for(proto, out)[0]
+        return candidate_layers(proto, score, infos)
 
 
 def resolve_layers(requested, candidates: List[LayerInfo], all_tensors: set, model_label: str = "model") -> List[str]:
