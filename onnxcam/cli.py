@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .errors import OnnxcamError, UsageError
 
+TARGET_NAMES = ("class", "detection", "segmentation", "embedding", "sequence")
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")
 PRESET_NAMES = ("imagenet", "unit", "symmetric", "caffe", "raw")
 
@@ -138,7 +139,11 @@ def _table(rows, headers) -> str:
 @click.option("--vjp", is_flag=True, help="Expose the raw activation and gradient instead of a CAM.")
 @click.option("--keep-probabilities", is_flag=True, help="Differentiate the Softmax/Sigmoid output, not its logits.")
 @click.option("--counterfactual", is_flag=True, help="Negate the gradient: regions that argue against the class.")
-def augment(model, out, layer, method, output, vjp, keep_probabilities, counterfactual):
+@click.option("--target", "target", default="class", show_default=True, type=click.Choice(TARGET_NAMES),
+              help="What to explain: a class logit, a detection's score, a segment, an embedding, a sequence.")
+@click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the target (e.g. threshold=0.5, layout=v5, blank=0); repeatable.")
+def augment(model, out, layer, method, output, vjp, keep_probabilities, counterfactual, target, target_options):
     """Write a copy of MODEL that also outputs the CAM (inputs/outputs documented in the README)."""
     from .cam.augment import augment as do_augment
     from .errors import OutputError
@@ -149,7 +154,8 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
     proto = load_model(model)
     augmented = do_augment(proto, layer=list(layer) or "auto", method=method, output=output, vjp=vjp,
-                           keep_probabilities=keep_probabilities, counterfactual=counterfactual, name=str(model))
+                           keep_probabilities=keep_probabilities, counterfactual=counterfactual, name=str(model),
+                           target=target, target_options=parse_options(target_options))
     save_model(augmented, out, refuse=refuse)
     meta = {p.key: p.value for p in augmented.metadata_props}
     click.echo(f"wrote {out} (method {meta.get('onnxcam.method', method)}, "
@@ -186,8 +192,16 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
               help="Refuse images larger than N pixels (default 100 megapixels).")
 @click.option("--keep-probabilities", is_flag=True, help="Differentiate the Softmax/Sigmoid output, not its logits.")
 @click.option("--counterfactual", is_flag=True, help="Negate the gradient: regions that argue against the class.")
+@click.option("--target", "target", default="class", show_default=True, type=click.Choice(TARGET_NAMES),
+              help="What to explain: a class logit, a detection's score, a segment, an embedding, a sequence.")
+@click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the target (e.g. threshold=0.5, layout=v5, blank=0); repeatable.")
+@click.option("--input", "extra_inputs", multiple=True, metavar="NAME=FILE.npy",
+              help="Feed a run-time input from a .npy file (onnxcam_mask, onnxcam_reference, onnxcam_box, "
+                   "a model's second input...); repeatable.")
 def explain(model, images, out_dir, class_index, top_k, method, layer, output, preset, size, resize, bgr,
-            labels_path, batch_size, provider, alpha, colormap, max_pixels, keep_probabilities, counterfactual):
+            labels_path, batch_size, provider, alpha, colormap, max_pixels, keep_probabilities, counterfactual,
+            target, target_options, extra_inputs):
     """Explain photos with MODEL: an overlay PNG and a .npy map per image and class, and summary.jsonl."""
     from .io.files import ensure_output_dir
     from .io.images import DEFAULT_MAX_PIXELS, list_images
@@ -206,7 +220,9 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
         raise UsageError(f"no images found in {', '.join(map(str, images))}")
     if max_pixels is not None and max_pixels < 1:
         raise UsageError(f"--max-pixels must be at least 1, got {max_pixels}")
-    explainer = make_explainer(model, layer, method, output, provider, keep_probabilities, counterfactual)
+    inputs = load_inputs(extra_inputs)
+    explainer = make_explainer(model, layer, method, output, provider, keep_probabilities, counterfactual,
+                               target, parse_options(target_options))
     n_classes = getattr(explainer, "n_classes", None)
     if class_index is not None and n_classes and class_index >= n_classes:
         raise UsageError(f"class index {class_index} is out of range: {model} has {n_classes} classes; use 0..{n_classes - 1}")
@@ -216,7 +232,8 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
         records = explain_sources(explainer, [Source.from_path(p) for p in found.images], out_dir, preset=preset,
                                   size=size, resize=resize, bgr=bgr, labels_path=labels_path, class_index=class_index,
                                   top_k=top_k, batch_size=batch_size, alpha=alpha, colormap=colormap,
-                                  max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+                                  max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                                  inputs=inputs)
     except BaseException:
         if created:
             _remove_if_empty(out_dir)  # a failed run leaves no empty folder behind
@@ -232,16 +249,59 @@ def _remove_if_empty(folder) -> None:
         pass
 
 
-def make_explainer(model, layer, method, output, provider, keep_probabilities, counterfactual):
+def parse_options(pairs) -> dict:
+    """KEY=VALUE strings to a dict; values read as int, float, none/true/false, or kept as text."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--target-option wants KEY=VALUE, got {pair!r}")
+        options[key.strip()] = _option_value(text.strip())
+    return options
+
+
+def _option_value(text):
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_inputs(pairs) -> dict:
+    """NAME=FILE.npy strings to arrays, with one-line errors."""
+    import numpy as np
+
+    inputs = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--input wants NAME=FILE.npy, got {pair!r}")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--input {name}: cannot read {path} as a .npy array ({exc})") from None
+    return inputs
+
+
+def make_explainer(model, layer, method, output, provider, keep_probabilities, counterfactual, target="class",
+                   target_options=None):
     from .runtime import Explainer
 
     return Explainer(model, layer=list(layer) or "auto", method=method, output=output,
                      providers=[provider] if provider else None, keep_probabilities=keep_probabilities,
-                     counterfactual=counterfactual)
+                     counterfactual=counterfactual, target=target, target_options=target_options)
 
 
 def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resize="direct", bgr=None, labels_path=None,
-         class_index=None, top_k=None, batch_size=8, alpha=0.5, colormap="jet", max_pixels=None, quiet=False):
+         class_index=None, top_k=None, batch_size=8, alpha=0.5, colormap="jet", max_pixels=None, quiet=False,
+         inputs=None):
     """Preprocess, explain and write; returns the summary records. Shared by `explain` and `demo`."""
     from .errors import ImageError
     from .io.labels import labels_for_model
@@ -255,7 +315,7 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
     labels = labels_for_model(labels_path, getattr(explainer, "n_classes", None), on_warning=_warn)
     many = len(sources) > 1
     run = ExplainRun(explainer, pre, out_dir, labels=labels, class_index=class_index, top_k=top_k,
-                     batch_size=batch_size, alpha=alpha, colormap=colormap, max_pixels=max_pixels,
+                     batch_size=batch_size, alpha=alpha, colormap=colormap, max_pixels=max_pixels, inputs=inputs,
                      on_warning=_warn if many else (lambda message: None))
     if many and not quiet and _stderr_is_tty():
         with click.progressbar(length=len(sources), label="explaining", file=sys.stderr) as bar:

@@ -68,7 +68,7 @@ class ExplainRun:
     def __init__(self, explainer, preprocessor: Preprocessor, out_dir, labels=None, class_index=None,
                  top_k: Optional[int] = None, batch_size: int = 8, alpha: float = DEFAULT_ALPHA,
                  colormap: str = DEFAULT_COLORMAP, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                 on_warning: Callable[[str], None] = lambda message: None):
+                 on_warning: Callable[[str], None] = lambda message: None, inputs=None):
         if class_index is not None and top_k is not None:
             raise UsageError("give either --class or --top-k, not both")
         if top_k is not None and top_k < 1:
@@ -89,6 +89,7 @@ class ExplainRun:
         self.colormap = colormap
         self.max_pixels = max_pixels
         self.on_warning = on_warning
+        self.inputs = dict(inputs or {})  # extra run-time feeds (target inputs, a model's other inputs)
         self.layer = ",".join(explainer.layers)
         self.method = getattr(explainer, "method", "")
         self._stems = set()
@@ -123,21 +124,26 @@ class ExplainRun:
     def _explain_batch(self, loaded) -> List[Record]:
         photos = [image for _, image in loaded]
         x, geometries = self.pre.batch(photos)
-        first = self.explainer(x, class_index=self.class_index)
+        first = self._explain(x, self.class_index)
         ranked = [(0, first)]
         if self.top_k is not None and self.top_k > 1:
             logits = self._logits(first)
             order = np.argsort(-logits, axis=1, kind="stable")[:, :self.top_k]
             if not np.array_equal(order[:, 0], first.class_index):
-                ranked = [(0, self.explainer(x, class_index=order[:, 0]))]
+                ranked = [(0, self._explain(x, order[:, 0]))]
             for rank in range(1, order.shape[1]):
-                ranked.append((rank, self.explainer(x, class_index=order[:, rank])))
+                ranked.append((rank, self._explain(x, order[:, rank])))
         records = []
         for i, (source, photo) in enumerate(loaded):
             stem = self._unique_stem(source.stem)
             for rank, res in ranked:
                 records.append(self._write(source, stem, photo, geometries[i], res, i, rank))
         return records
+
+    def _explain(self, x, class_index):
+        if not self.inputs:
+            return self.explainer(x, class_index=class_index)
+        return self.explainer(x, class_index=class_index, inputs=self.inputs)
 
     def _logits(self, result) -> np.ndarray:
         """The explained output's values [N, classes], for ranking and probabilities."""
