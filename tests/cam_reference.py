@@ -46,11 +46,17 @@ def scale(cams, size=None):
 
 
 def reference_cam(method, layer_pairs, input_hw):
-    """BaseCAM.forward: per layer relu+scale+resize, then relu, mean over layers, scale."""
+    """BaseCAM.forward: per layer relu+scale+resize, then relu, mean over layers, scale.
+
+    Refuses to return an all-zero map: comparing against one could not fail (a net whose random
+    weights kill every activation would pass any test)."""
     per_layer = [scale(np.maximum(reference_raw_cam(method, A, G), 0), (input_hw[1], input_hw[0]))[:, None]
                  for A, G in layer_pairs]
     stacked = np.maximum(np.concatenate(per_layer, axis=1), 0)
-    return scale(stacked.mean(axis=1))
+    cams = scale(stacked.mean(axis=1))
+    peaks = cams.reshape(len(cams), -1).max(axis=1)
+    assert np.all(peaks > 0.5), f"degenerate reference CAM (peaks {peaks}): the comparison could not fail"
+    return cams
 
 
 def activations_and_gradients(model, modules, x, class_index, logits_fn=None, counterfactual=False):

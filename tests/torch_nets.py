@@ -81,9 +81,14 @@ class TinyMobileNetV3(nn.Module):
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics so that inference BN is not the identity."""
+    """Non-trivial BN statistics so that inference BN is not the identity, and He (fan-in)
+    initialised convolutions: torch's default init shrinks activations block after block in
+    depthwise nets until every CAM is zero, which would make CAM comparisons vacuous."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)

@@ -90,8 +90,9 @@ def _augment(proto, label, layer, method, output, vjp, keep_probabilities, count
     built = add_gradients(proto, targets, score, seed=seed, emitter=emit)
 
     cams = []
+    producers = {o: n for n in proto.graph.node for o in n.output}
     for name in targets:
-        layout = activation_layout(emit, name, image, activation_layout_hint)
+        layout = activation_layout(emit, name, image, activation_layout_hint, producers)
         activation = to_nchw(emit, _as_float32(emit, name), image, layout, token_grid)
         gradient = to_nchw(emit, _as_float32(emit, built.gradients[name]), image, layout, token_grid)
         raw = METHODS_REGISTRY[method](emit, activation, gradient)

@@ -28,17 +28,48 @@ def token_grid(tokens: int, height: int, width: int, max_extra: int = 8) -> Opti
     return None
 
 
-def activation_layout(emit, tensor: str, image, layout: str = "auto") -> str:
-    """"NCHW", "NHWC" or "tokens" for a target tensor."""
+# Ops that only exist in channels-first form: a 4-D tensor they produce is NCHW.
+_CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                       "LpPool", "BatchNormalization", "InstanceNormalization", "Resize", "DepthToSpace",
+                       "SpaceToDepth", "GroupNormalization"}
+
+
+def activation_layout(emit, tensor: str, image, layout: str = "auto", producers=None) -> str:
+    """"NCHW", "NHWC" or "tokens" for a target tensor.
+
+    A 4-D tensor's layout is read from the ops that made it: walking up through elementwise and
+    other shape-keeping ops, a channels-first op (Conv, pooling, BatchNormalization...) or a
+    Transpose to NCHW means NCHW, a Transpose to NHWC means NHWC; only a tensor that comes straight
+    from the input has the input's layout. (NHWC models from Keras/TF converters transpose their
+    input to NCHW before the first Conv: their feature maps are NCHW.)"""
     if layout != "auto":
         return layout
     rank = emit.rank(tensor)
     if rank == 3:
         return "tokens"
     if rank == 4:
-        return image.layout
+        return _layout_from_producers(emit, tensor, image, producers or {})
     raise UnsupportedModelError(f"target {tensor!r} has rank {rank}; CAM targets must be 4-D feature maps "
                                 "or 3-D token sequences [N, tokens, channels]")
+
+
+def _layout_from_producers(emit, tensor, image, producers) -> str:
+    seen = set()
+    while tensor in producers and tensor not in seen:
+        seen.add(tensor)
+        node = producers[tensor]
+        if node.op_type in _CHANNELS_FIRST_OPS:
+            return "NCHW"
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if perm == [0, 3, 1, 2]:
+                return "NCHW"
+            if perm == [0, 2, 3, 1]:
+                return "NHWC"
+        tensor = next((i for i in node.input if i and emit.info(i).rank == 4), None)
+        if tensor is None:
+            break
+    return image.layout
 
 
 def to_nchw(emit, tensor: str, image, layout: str, grid: Optional[Tuple[int, int, int]] = None) -> str:
