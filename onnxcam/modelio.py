@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from .io.files import atomic_path
 from .errors import ModelLoadError, OnnxcamError, OutputError, UnsupportedModelError
 
 # 2 GB protobuf limit: larger models must keep their weights in external data.
@@ -176,26 +176,13 @@ def save_model(proto: onnx.ModelProto, out_path, refuse=()) -> Path:
         raise OutputError(f"{out}: is a directory; give a file name for the model")
     if not os.access(out_dir, os.W_OK):
         raise OutputError(f"{out_dir}: output directory is not writable")
-    large = proto.ByteSize() > _PROTOBUF_LIMIT if _fits_bytesize(proto) else True
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
-    except OSError as exc:
-        raise OutputError(f"{out}: could not write the model ({exc.strerror or exc})") from None
-    os.close(fd)
-    try:
+    large = weight_bytes(proto) > _PROTOBUF_LIMIT - 2**26  # leave room for the graph itself
+    with atomic_path(out, "could not write the model") as tmp:
         if large:
-            data_name = out.name + ".data"
             onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+                            location=out.name + ".data", size_threshold=1024)
         else:
             onnx.save_model(proto, tmp)
-        os.replace(tmp, out)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise OutputError(f"{out}: could not write the model ({exc.strerror or exc})") from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
     return out
 
 
@@ -227,24 +214,6 @@ def _same_file(a, b) -> bool:
             return False
 
 
-def _fits_bytesize(proto) -> bool:
-    try:
-        proto.ByteSize()
-        return True
-    except Exception:
-        return False
-
-
-def _unlink_quietly(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def serialize_for_runtime(proto: onnx.ModelProto) -> bytes:
-    """Bytes an InferenceSession accepts (models under 2 GB)."""
-    return proto.SerializeToString()
 
 
 @contextlib.contextmanager
@@ -276,10 +245,9 @@ def graph_errors(proto: onnx.ModelProto, label="model"):
 def graph_problem(proto: onnx.ModelProto):
     """One line saying why `proto` is not a valid ONNX graph, or None when the checker accepts it."""
     try:
-        if _fits_bytesize(proto) and proto.ByteSize() < _PROTOBUF_LIMIT:
-            onnx.checker.check_model(proto, full_check=True)
-        else:
-            return None
+        if weight_bytes(proto) > _PROTOBUF_LIMIT - 2**26:
+            return None  # the in-memory checker cannot take it; the runtime will say
+        onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # ValidationError, and anything a garbage proto makes the checker raise
         text = " ".join(str(exc).replace("==> Context:", ";").split())
         return (text or type(exc).__name__)[:400]

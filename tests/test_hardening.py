@@ -633,11 +633,11 @@ def test_disk_full_while_explaining_leaves_no_partial_files(work, monkeypatch, w
     if where == "replace":
         monkeypatch.setattr(files.os, "replace", no_space)
     else:
-        real_fdopen = os.fdopen
+        real_open = open
 
         class Full:
-            def __init__(self, fd, *args, **kwargs):
-                self.f = real_fdopen(fd, *args, **kwargs)
+            def __init__(self, path, *args, **kwargs):
+                self.f = real_open(path, *args, **kwargs)
 
             def __enter__(self):
                 return self
@@ -649,7 +649,7 @@ def test_disk_full_while_explaining_leaves_no_partial_files(work, monkeypatch, w
                 self.f.write(data[: len(data) // 2])  # half of it lands, then the disk is full
                 no_space()
 
-        monkeypatch.setattr(files.os, "fdopen", Full)
+        monkeypatch.setattr(files, "open", Full, raising=False)  # the writer's open() of its temp file
     result = cli("explain", work["model"], work["image"], "-o", work["out"])
     assert_error(result, 1, "photo_1.png: cannot write (No space left on device)")
     assert files_under(work["out"]) == []

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness import rel_err
+from torch_nets import BasicBlock
 from onnxcam.autodiff import add_gradients
 from onnxcam.autodiff.shapes import make_value_info
 
@@ -64,23 +65,6 @@ def randomise(model, seed=0):
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5)
     return model.eval()
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        identity = x if self.down is None else self.down(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
 class ResNetish(nn.Module):

@@ -5,6 +5,7 @@ A reader (or a crash) never sees half a PNG or half an .npy under its final name
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -27,26 +28,35 @@ def ensure_output_dir(path) -> Path:
     return out
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+@contextlib.contextmanager
+def atomic_path(path, what: str = "cannot write"):
+    """Yield a temporary path in `path`'s folder; on success rename it onto `path`, on any failure
+    remove it. OS errors become one-line OutputErrors naming `path`."""
     target = Path(os.fspath(path))
     folder = target.parent if str(target.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
     except OSError as exc:
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+        raise OutputError(f"{target}: {what} ({exc.strerror or exc})") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
         default_permissions(tmp)
         os.replace(tmp, target)
     except OSError as exc:
         _unlink_quietly(tmp)
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+        raise OutputError(f"{target}: {what} ({exc.strerror or exc})") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    return target
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(os.fspath(path))
 
 
 def default_permissions(path) -> None:
