@@ -336,10 +336,7 @@ def _model_preset(explainer):
     """The preset a model names in its metadata (key onnxcam.preset), if any."""
     from .io.preprocess import PRESET_METADATA_KEY, PRESETS
 
-    proto = getattr(explainer, "augmented", None)
-    if proto is None:
-        return None
-    value = {p.key: p.value for p in proto.metadata_props}.get(PRESET_METADATA_KEY)
+    value = getattr(explainer, "metadata", {}).get(PRESET_METADATA_KEY)
     return value if value in PRESETS else None
 
 

@@ -39,26 +39,29 @@ class Explainer:
         original = load_model(model)
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         self.label = label or "model"
-        self.augmented = augment(original, layer=layer, method=method, output=output, name=self.label,
-                                 keep_probabilities=keep_probabilities, counterfactual=counterfactual,
-                                 target=target, target_options=target_options)
-        meta = {p.key: p.value for p in self.augmented.metadata_props}
-        self.method = method
-        self.layers: List[str] = meta["onnxcam.layers"].split(",")
-        self.output_name: str = meta["onnxcam.output"]
-        image = image_input(original)
+        image = image_input(original, self.label)
         self.input_name, self.layout, self.input_shape = image.name, image.layout, tuple(image.shape)
         self.channels = image.channels
         self._np_dtype = onnx.helper.tensor_dtype_to_np_dtype(image.dtype)
         self.original_outputs = [o.name for o in original.graph.output]
+        # A model loaded here is ours to edit: no copy of its weights.
+        augmented = augment(original, layer=layer, method=method, output=output, name=self.label,
+                            keep_probabilities=keep_probabilities, counterfactual=counterfactual,
+                            target=target, target_options=target_options,
+                            inplace=not isinstance(model, onnx.ModelProto))
+        del original
+        self.metadata = {p.key: p.value for p in augmented.metadata_props}
+        self.method = method
+        self.layers: List[str] = self.metadata["onnxcam.layers"].split(",")
+        self.output_name: str = self.metadata["onnxcam.output"]
         standard = set(self.original_outputs) | {CAM_OUTPUT, CLASS_OUTPUT, SCORE_OUTPUT, LAYER_CAMS_OUTPUT}
-        self.extra_outputs = [o.name for o in self.augmented.graph.output if o.name not in standard]
+        self.extra_outputs = [o.name for o in augmented.graph.output if o.name not in standard]
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
         self.providers = choose_providers(providers)
-        self.session = _session(self.augmented, options, self.providers, self.label)
+        self.session = _session(augmented, options, self.providers, self.label)
         self.n_classes = self._output_classes()
 
     def _output_classes(self) -> Optional[int]:
@@ -163,16 +166,42 @@ class Explainer:
         return classes
 
 
+# Above this much weight, the session is built from a temporary file with external data instead
+# of serialised bytes: bytes + proto + runtime copy would hold the weights three times at once.
+_IN_MEMORY_LIMIT = 256 * 2**20
+
+
 def _session(proto: onnx.ModelProto, options, providers, label: str = "model"):
-    """An ONNX Runtime session for the augmented model.
+    """An ONNX Runtime session for the augmented model (consumed: large weights are moved out).
 
     A model whose IR version is newer than this onnxruntime reads (onnx >= 1.23 writes IR 14 by
     default; onnxruntime 1.31 reads up to 13) is run with the IR version lowered to the runtime's
     maximum when that is safe: its opsets and element types all existed at that IR version, so the
     lowered copy means exactly the same thing. Otherwise the error says what to do.
     """
+    import onnxruntime as ort
+
+    if weight_bytes(proto) < _IN_MEMORY_LIMIT:
+        return _with_ir_fallback(
+            lambda p: ort.InferenceSession(p.SerializeToString(), options, providers=providers), proto, label)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="onnxcam-") as tmp:
+        path = os.path.join(tmp, "augmented.onnx")
+        # Tensor by tensor to the data file: no 2 GB limit, no second copy of the weights in memory.
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="augmented.onnx.data", size_threshold=1024)
+        graph_only = onnx.load(path, load_external_data=False)
+
+        def from_file(p):
+            if p is not graph_only:
+                onnx.save_model(p, path)
+            return ort.InferenceSession(path, options, providers=providers)
+        return _with_ir_fallback(from_file, graph_only, label)
+
+
+def _with_ir_fallback(make_session, proto, label):
     try:
-        return _new_session(proto, options, providers)
+        return make_session(proto)
     except Exception as exc:
         first = _first_line(exc)
         newest = _max_ir_version(first)
@@ -182,25 +211,10 @@ def _session(proto: onnx.ModelProto, options, providers, label: str = "model"):
     if lowered is None:
         raise ModelLoadError(_ir_message(label, proto.ir_version, newest)) from None
     try:
-        return _new_session(lowered, options, providers)
+        return make_session(lowered)
     except Exception as exc:
         raise OnnxcamError(f"{label}: ONNX Runtime could not load the augmented model (IR version lowered from "
                            f"{proto.ir_version} to {newest}): {_first_line(exc)}") from None
-
-
-def _new_session(proto: onnx.ModelProto, options, providers):
-    """A session from memory, or, past protobuf's 2 GB limit, from a temporary file with external
-    data (removed once the session holds the weights)."""
-    import onnxruntime as ort
-
-    if weight_bytes(proto) < 2**31 - 2**26:  # leave room for the graph itself
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
-    import tempfile
-    from pathlib import Path
-    from .modelio import save_model
-    with tempfile.TemporaryDirectory(prefix="onnxcam-") as tmp:
-        path = save_model(proto, Path(tmp) / "augmented.onnx")
-        return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def _first_line(exc) -> str:

@@ -188,10 +188,36 @@ def _suggest(name, known) -> str:
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
+class _Constants(dict):
+    """Tensor name -> numpy value for everything known before run time. Initializers are decoded
+    only when a rule asks (decoding every weight of VGG16 takes most of a second)."""
+
+    def __init__(self, initializers):
+        super().__init__()
+        self._protos = {i.name: i for i in initializers if i.data_location != TensorProto.EXTERNAL}
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name) or name in self._protos
+
+    def __getitem__(self, name):
+        if not dict.__contains__(self, name) and name in self._protos:
+            self[name] = numpy_helper.to_array(self._protos[name])
+        return dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def size(self, name) -> int:
+        proto = self._protos.get(name)
+        if proto is not None and not dict.__contains__(self, name):
+            return int(np.prod(proto.dims, dtype=np.int64))
+        return int(np.asarray(self[name]).size)
+
+
 def _constant_values(graph, nodes) -> Dict[str, np.ndarray]:
     """Values known before run time: initializers, Constant nodes, and small integer arithmetic on
     them (Paddle and TF converters compute Slice/Reshape parameters with Constant nodes)."""
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.data_location != TensorProto.EXTERNAL}
+    values = _Constants(graph.initializer)
     for node in nodes:
         if node.op_type == "Constant":
             attrs = {a.name: a for a in node.attribute}
@@ -206,7 +232,7 @@ def _constant_values(graph, nodes) -> Dict[str, np.ndarray]:
             elif "value_float" in attrs:
                 values[node.output[0]] = np.asarray(attrs["value_float"].f, np.float32)
         elif node.op_type in _FOLDABLE and node.input and all(i in values for i in node.input if i):
-            if all(values[i].size <= 64 for i in node.input if i):
+            if all(values.size(i) <= 64 for i in node.input if i):
                 folded = _fold(node, values)
                 if folded is not None:
                     values[node.output[0]] = folded

@@ -41,7 +41,8 @@ NORMALISE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gradcam", output: Optional[str] = None,
             vjp: bool = False, keep_probabilities: bool = False, counterfactual: bool = False,
             target: str = "class", target_options: Optional[dict] = None,
-            activation_layout_hint: str = "auto", token_grid=None, name: Optional[str] = None) -> onnx.ModelProto:
+            activation_layout_hint: str = "auto", token_grid=None, name: Optional[str] = None,
+            inplace: bool = False) -> onnx.ModelProto:
     """Return a copy of `model` (path or ModelProto) that also computes its explanation.
 
     layer: "auto", a tensor name, or several (one map each, plus their fused mean).
@@ -53,11 +54,14 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     activation_layout_hint: "auto", "NCHW", "NHWC" or "tokens" for the target tensors;
     token_grid: (extra_tokens, h, w) for token targets when it cannot be inferred.
     name: how error messages call the model (default: its path).
+    inplace: edit a given ModelProto instead of a copy (saves a copy of the weights).
     """
     if method not in METHODS_REGISTRY:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
-    proto = copy.deepcopy(load_model(model))
+    proto = load_model(model)
+    if isinstance(model, onnx.ModelProto) and not inplace:
+        proto = copy.deepcopy(proto)  # never edit the caller's model
     check_opset(default_opset(proto), str(label))
     check_graph_structure(proto, label)
     with graph_errors(proto, label):
