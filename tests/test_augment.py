@@ -179,3 +179,17 @@ def test_dynamic_spatial_size_serves_several_image_sizes(tmp_path):
         pairs, _, _ = activations_and_gradients(model, [model.layer3.relu], x, None)
         assert result.cam.shape == (2, size, size)
         assert np.max(np.abs(result.cam - reference_cam("gradcam", pairs, (size, size)))) <= 1e-3
+
+
+def test_no_added_node_reads_a_conv_output(resnet):
+    """A second consumer of a Conv output stops ONNX Runtime fusing Conv+Relu/Add there: the
+    gradient of a mid-network target must read activations after their Relu, never a Conv output."""
+    _, path, _ = resnet
+    original = onnx.load(path)
+    conv_outputs = {n.output[0] for n in original.graph.node if n.op_type == "Conv"}
+    layer2 = [l.name for l in onnxcam.layers(path) if l.name.startswith("/layer2/") and l.op == "Relu"][-1]
+    augmented = onnxcam.augment(path, layer=layer2)
+    added = augmented.graph.node[len(original.graph.node):]
+    assert not [n.name for n in added if conv_outputs & set(n.input)]
+    used = {i for n in augmented.graph.node for i in n.input} | {o.name for o in augmented.graph.output}
+    assert all(o in used for n in added for o in n.output if o), "dead nodes left in the graph"

@@ -154,6 +154,33 @@ def flush(emit: Emitter, graph) -> None:
     emit.nodes, emit.initializers = [], []
 
 
+def prune_unused(graph, first_new: int) -> int:
+    """Remove nodes (from index `first_new` on: onnxcam's own) and initializers whose outputs no
+    graph output needs. Rules ask for shapes they may not use, and a stray Shape on a forward
+    tensor gives it a second consumer, which stops ONNX Runtime fusing Conv+Relu there.
+    Returns how many nodes were removed."""
+    needed = {o.name for o in graph.output}
+    for node in graph.node[:first_new]:
+        needed.update(node.input)
+    new_nodes = list(graph.node[first_new:])
+    kept = []
+    for node in reversed(new_nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs read outer names too
+                if attr.g.node:
+                    needed.update(i for n in attr.g.node for i in n.input)
+    kept.reverse()
+    del graph.node[first_new:]
+    graph.node.extend(kept)
+    inputs = {i.name for i in graph.input}
+    unused = [t for t in graph.initializer if t.name not in needed and t.name not in inputs]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    return len(new_nodes) - len(kept)
+
+
 # ---------------------------------------------------------------------- graph analysis
 def _topological(graph) -> List[onnx.NodeProto]:
     """Graph nodes in a topological order (ONNX requires one; some exporters don't honour it)."""

@@ -19,7 +19,8 @@ from typing import List, Optional, Sequence, Union
 import onnx
 from onnx import TensorProto, helper
 
-from ..autodiff.gradients import SEED_INPUT, add_gradients, check_opset, default_opset, flush, new_emitter
+from ..autodiff.gradients import (SEED_INPUT, add_gradients, check_opset, default_opset, flush, new_emitter,
+                                  prune_unused)
 from ..autodiff.shapes import TensorInfo, make_value_info
 from ..errors import UsageError
 from ..modelio import check_graph_structure, graph_errors, load_model
@@ -71,6 +72,15 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
 
 def _augment(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
              target_options, activation_layout_hint, token_grid):
+    first_new = len(proto.graph.node)
+    result = _build(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
+                    target_options, activation_layout_hint, token_grid)
+    prune_unused(result.graph, first_new)
+    return result
+
+
+def _build(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
+           target_options, activation_layout_hint, token_grid):
     if not vjp:
         image_input(proto, label)  # the first thing a user must know: is this an image model at all?
     emit = new_emitter(proto)
@@ -102,8 +112,10 @@ def _augment(proto, label, layer, method, output, vjp, keep_probabilities, count
         raw = METHODS_REGISTRY[method](emit, activation, gradient)
         cams.append(_upsample(emit, _normalise(emit, emit.op("Relu", raw)), image))
     stacked = cams[0] if len(cams) == 1 else emit.op("Concat", *cams, axis=1)
-    # pytorch-grad-cam's multi-layer aggregation (also applied to one layer): relu, mean, rescale.
-    fused = _normalise(emit, emit.reduce("ReduceMean", emit.op("Relu", stacked), [1], keepdims=True))
+    # pytorch-grad-cam's multi-layer aggregation, also applied to one layer: relu, mean, rescale.
+    # The resized maps are already >= 0, and the mean of one map is itself: only the rescale is left.
+    mean = stacked if len(cams) == 1 else emit.reduce("ReduceMean", stacked, [1], keepdims=True)
+    fused = _normalise(emit, mean)
     cam = emit.squeeze(fused, [1])
     _expose(proto, emit, cam, CAM_OUTPUT, TensorProto.FLOAT, _image_dims(image))
     if len(cams) > 1:
