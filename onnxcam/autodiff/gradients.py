@@ -154,9 +154,9 @@ def flush(emit: Emitter, graph) -> None:
     emit.nodes, emit.initializers = [], []
 
 
-def prune_unused(graph, first_new: int) -> int:
-    """Remove nodes (from index `first_new` on: onnxcam's own) and initializers whose outputs no
-    graph output needs. Rules ask for shapes they may not use, and a stray Shape on a forward
+def prune_unused(graph, first_new: int, first_new_initializer: int) -> int:
+    """Remove onnxcam's own nodes (from index `first_new` on) and initializers (from
+    `first_new_initializer` on) that no graph output needs; the user's are never touched. Rules ask for shapes they may not use, and a stray Shape on a forward
     tensor gives it a second consumer, which stops ONNX Runtime fusing Conv+Relu there.
     Returns how many nodes were removed."""
     needed = {o.name for o in graph.output}
@@ -175,7 +175,7 @@ def prune_unused(graph, first_new: int) -> int:
     del graph.node[first_new:]
     graph.node.extend(kept)
     inputs = {i.name for i in graph.input}
-    unused = [t for t in graph.initializer if t.name not in needed and t.name not in inputs]
+    unused = [t for t in graph.initializer[first_new_initializer:] if t.name not in needed and t.name not in inputs]
     for tensor in unused:
         graph.initializer.remove(tensor)
     return len(new_nodes) - len(kept)

@@ -72,10 +72,10 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
 
 def _augment(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
              target_options, activation_layout_hint, token_grid):
-    first_new = len(proto.graph.node)
+    first_new, first_new_initializer = len(proto.graph.node), len(proto.graph.initializer)
     result = _build(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
                     target_options, activation_layout_hint, token_grid)
-    prune_unused(result.graph, first_new)
+    prune_unused(result.graph, first_new, first_new_initializer)
     return result
 
 
