@@ -60,10 +60,7 @@ class Explainer:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        if _shares_large_matmul_weight(augmented):
-            # ORT keeps a pre-packed copy of a constant Gemm/MatMul weight beside the original when
-            # another node (the backward Gemm) reads it too: VGG's 400 MB classifier twice.
-            options.add_session_config_entry("session.disable_prepacking", "1")
+        tune_session_options(augmented, options)
         self.providers = choose_providers(providers)
         self.session = _session(augmented, options, self.providers, self.label)
         self.n_classes = self._output_classes()
@@ -171,6 +168,15 @@ class Explainer:
 
 
 _LARGE_WEIGHT = 32 * 2**20
+
+
+def tune_session_options(proto: onnx.ModelProto, options) -> None:
+    """Session settings an augmented model wants (for users who build their own sessions too).
+
+    ORT keeps a pre-packed copy of a constant Gemm/MatMul weight beside the original when another
+    node (the backward Gemm) reads it as well: VGG16's 400 MB classifier would be held twice."""
+    if _shares_large_matmul_weight(proto):
+        options.add_session_config_entry("session.disable_prepacking", "1")
 
 
 def _shares_large_matmul_weight(proto: onnx.ModelProto) -> bool:
