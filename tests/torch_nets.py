@@ -154,3 +154,38 @@ class TinyViT(nn.Module):
         x = self.patch(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class WindowBlock(nn.Module):
+    """Swin-style block: tokens [N, h*w, C], attention inside non-overlapping windows (window
+    partition and reverse by Reshape/Transpose), pre-norm, MLP; no class token."""
+
+    def __init__(self, dim, heads, grid, window):
+        super().__init__()
+        self.grid, self.window = grid, window
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
+
+    def forward(self, x):
+        n, t, c = x.shape
+        g, w = self.grid, self.window
+        y = self.norm1(x).reshape(n, g // w, w, g // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+        y = self.attn(y).reshape(n, g // w, g // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, t, c)
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class TinySwin(nn.Module):
+    def __init__(self, size=64, patch=8, dim=32, heads=4, window=4, classes=10):
+        super().__init__()
+        grid = size // patch
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.Sequential(WindowBlock(dim, heads, grid, window), WindowBlock(dim, heads, grid, window))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))

@@ -108,6 +108,13 @@ def candidate_layers(model: onnx.ModelProto, score: str, infos: Dict[str, Tensor
                 found.append(LayerInfo(out, node.op_type, node.name, info.shape))
     auto = auto_layer(found)
     tokens = token_layers(nodes, feeders, infos, order)
+    unsure = [l.name for l in tokens if not isinstance(l.shape[1], int)]
+    if unsure:  # shape inference loses token counts after dynamic Reshapes: measure them
+        try:
+            infos.update(probe_infos(model, unsure))
+            tokens = token_layers(nodes, feeders, infos, order)
+        except Exception:
+            pass  # left symbolic: the grid must then be given (token_grid)
     if tokens and (auto is None or order[tokens[-1].name] > order[auto]):
         # A transformer: attention follows the last feature map (the patch embedding).
         found = sorted(found + tokens, key=lambda l: order[l.name])
