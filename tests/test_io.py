@@ -261,11 +261,19 @@ def test_writers_are_atomic_and_readable(tmp_path):
     assert os.stat(tmp_path / "m.npy").st_mode & 0o044  # not the 0600 of mkstemp
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_directory(tmp_path):
+def test_unwritable_directory(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root ignores permissions: make the OS say no
+        from onnxcam.io import files
+        real_access, real_mkstemp = os.access, files.tempfile.mkstemp
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(files.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+        monkeypatch.setattr(files.tempfile, "mkstemp",
+                            lambda *a, **k: denied() if str(k.get("dir")) == str(locked) else real_mkstemp(*a, **k))
     try:
         with pytest.raises(OutputError, match="not writable"):
             ensure_output_dir(locked)
