@@ -100,8 +100,11 @@ def _build(proto, label, layer, method, output, vjp, keep_probabilities, counter
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     spec = TARGETS[target](proto, emit, out, score, image, **(target_options or {}))
     seed = emit.op("Neg", spec.seed) if counterfactual else spec.seed
-    emit.set_info(seed, emit.dtype(score), emit.info(score).shape)
-    built = add_gradients(proto, targets, score, seed=seed, emitter=emit)
+    seeded = spec.seed_tensor or score  # what the seed is the cotangent of
+    if seeded != score and seeded in targets:
+        raise UsageError(f"layer {seeded!r} is the classifier's input, not a feature map; pick another layer")
+    emit.set_info(seed, emit.dtype(seeded), emit.info(seeded).shape)
+    built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit)
 
     cams = []
     producers = {o: n for n in proto.graph.node for o in n.output}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -39,6 +39,9 @@ class Target:
     score: str  # float [N]: the explained score per image
     class_index: str  # int64 [N]
     extra_outputs: Dict[str, Tuple[str, int, tuple]] = field(default_factory=dict)  # name -> (tensor, dtype, shape)
+    # The tensor `seed` is the cotangent of, when not the score tensor itself (a layer already
+    # differentiated in closed form, like the classifier's last Linear).
+    seed_tensor: Optional[str] = None
 
 
 def target(name):
@@ -97,13 +100,57 @@ def classifier(proto, emit, out, score_tensor, image, **options):
         raise UsageError(f"output {out!r} has rank {emit.rank(out)}; the class target needs a [N, classes] "
                          "output (use --target detection/segmentation/sequence for other heads)")
     class_index = class_choice(proto, emit, out, image.shape[0] if image.shape[0] is not None else "N")
+    same_shape = emit.info(score_tensor).shape == emit.info(out).shape
+    logits = score_tensor if same_shape else emit.op("Reshape", score_tensor, emit.shape_of_tensor_or_dims(out))
+    score = emit.squeeze(emit.op("GatherElements", logits, emit.unsqueeze(class_index, [1]), axis=1), [1])
+    peeled = _peel_linear(proto, emit, score_tensor, class_index) if same_shape else None
+    if peeled is not None:
+        return Target(peeled[1], score, class_index, seed_tensor=peeled[0])
     seed = one_hot(emit, class_index, emit.dims(out)[1], emit.dtype(score_tensor))
-    product = emit.op("Mul", seed, out if score_tensor == out else emit.op(
-        "Reshape", score_tensor, emit.shape_of_tensor_or_dims(out)))
-    score = emit.reduce("ReduceSum", product, [1], keepdims=False)
-    if emit.info(score_tensor).shape != emit.info(out).shape:  # logits behind a Flatten/Reshape
+    if not same_shape:  # logits behind a Flatten/Reshape
         seed = emit.op("Reshape", seed, emit.shape_of_tensor_or_dims(score_tensor))
     return Target(seed, score, class_index)
+
+
+def _peel_linear(proto, emit, logits, class_index):
+    """For logits = A @ W (+ b) with a constant W (Gemm, or MatMul then Add), the gradient of
+    logit k with respect to A is W's row k: one Gather instead of a one-hot seed pushed back through
+    a Gemm (the 1000-class Gemm was the largest node of the backward pass on small models).
+    Returns (A, seed for A) or None when the head is not such a layer."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    constants = {i.name for i in proto.graph.initializer} | {n.output[0] for n in proto.graph.node
+                                                              if n.op_type == "Constant"}
+    node = producers.get(logits)
+    if node is None:
+        return None
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "Gemm":
+        if attrs.get("transA") and attrs["transA"].i:
+            return None
+        a, w = node.input[0], node.input[1]
+        rows = bool(attrs["transB"].i) if "transB" in attrs else False  # W is [classes, K]
+        alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
+    elif node.op_type in ("Add", "MatMul"):
+        matmul = node
+        if node.op_type == "Add":
+            found = [producers.get(i) for i in node.input if i not in constants]
+            if len(found) != 1 or found[0] is None or found[0].op_type != "MatMul":
+                return None
+            matmul = found[0]
+        a, w = matmul.input[0], matmul.input[1]
+        rows, alpha = False, 1.0
+    else:
+        return None
+    if w not in constants or a in constants or emit.rank(a) != 2 or emit.rank(w) != 2:
+        return None
+    seed = emit.op("Gather", w, class_index, axis=0 if rows else 1)
+    if not rows:
+        seed = emit.op("Transpose", seed, perm=[1, 0])
+    if alpha != 1.0:
+        seed = emit.op("Mul", seed, emit.scalar(alpha, w))
+    if emit.dtype(w) != emit.dtype(a):
+        seed = emit.cast(seed, emit.dtype(a))
+    return a, seed
 
 
 # ---------------------------------------------------------------------- shared pieces
