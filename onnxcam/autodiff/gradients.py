@@ -51,11 +51,12 @@ def check_opset(opset: int, where: str = "model") -> None:
 
 def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: str,
                   seed: Optional[str] = None, emitter: Optional[Emitter] = None,
-                  infos: Optional[Dict[str, TensorInfo]] = None) -> GradientGraph:
+                  infos: Optional[Dict[str, TensorInfo]] = None, score_name: Optional[str] = None) -> GradientGraph:
     """Edit `model` in place so that it also computes d(sum(seed * score_tensor))/d(target).
 
     `emitter` lets a caller emit nodes before (the seed) and after (the CAM) in one naming scope;
-    `infos` overrides shape knowledge."""
+    `infos` overrides shape knowledge; `score_name` is how messages call the score (when the seed
+    is given for an earlier tensor that stands for it)."""
     graph = model.graph
     opset = default_opset(model)
     check_opset(opset)
@@ -76,7 +77,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
                    if _touches(n, active) and any(o in feeding for o in n.output)]
         where = f"; the path is cut at {', '.join(blocked)}" if blocked else ""
         raise UnsupportedModelError(
-            f"the score tensor {score_tensor!r} does not depend on {', '.join(map(repr, targets))} through "
+            f"the score tensor {score_name or score_tensor!r} does not depend on {', '.join(map(repr, targets))} through "
             f"differentiable ops{where}; pick a layer that feeds the chosen output")
     path = [n for n in nodes if any(o in active and o in feeding for o in n.output)
             and _touches(n, active)]
@@ -131,7 +132,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
     for target in targets:
         total = totals.get(target) or _total(emit, contributions.get(target), target)
         if total is None:
-            raise UnsupportedModelError(f"no gradient reaches tensor {target!r} from {score_tensor!r}")
+            raise UnsupportedModelError(f"no gradient reaches tensor {target!r} from {score_name or score_tensor!r}")
         if total in known or total == seed:  # never expose a forward tensor under a gradient name
             total = emit.op("Identity", total, hint="grad")
         gradients[target] = total

@@ -104,7 +104,7 @@ def _build(proto, label, layer, method, output, vjp, keep_probabilities, counter
     if seeded != score and seeded in targets:
         raise UsageError(f"layer {seeded!r} is the classifier's input, not a feature map; pick another layer")
     emit.set_info(seed, emit.dtype(seeded), emit.info(seeded).shape)
-    built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit)
+    built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit, score_name=score)
 
     cams = []
     producers = {o: n for n in proto.graph.node for o in n.output}

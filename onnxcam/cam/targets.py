@@ -141,7 +141,7 @@ def _peel_linear(proto, emit, logits, class_index):
         rows, alpha = False, 1.0
     else:
         return None
-    if w not in constants or a in constants or emit.rank(a) != 2 or emit.rank(w) != 2:
+    if w not in constants or a in constants or emit.info(a).rank != 2 or emit.info(w).rank != 2:
         return None
     seed = emit.op("Gather", w, class_index, axis=0 if rows else 1)
     if not rows:
