@@ -22,6 +22,23 @@ METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-element
 PRESET_NAMES = ("imagenet", "unit", "symmetric", "caffe", "raw")
 
 
+def score_options(command):
+    """The options that say what is differentiated, shared by `augment` and `explain`."""
+    options = [
+        click.option("--keep-probabilities", is_flag=True,
+                     help="Differentiate the Softmax/Sigmoid output, not its logits."),
+        click.option("--counterfactual", is_flag=True,
+                     help="Negate the gradient: regions that argue against the class."),
+        click.option("--target", "target", default="class", show_default=True, type=click.Choice(TARGET_NAMES),
+                     help="What to explain: a class logit, a detection's score, a segment, an embedding, a sequence."),
+        click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
+                     help="An option of the target (e.g. threshold=0.5, layout=v5, blank=0); repeatable."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _say(kind: str, message: str) -> None:
     click.echo(f"onnxcam: {kind}: {message}", err=True)
 
@@ -137,12 +154,7 @@ def _table(rows, headers) -> str:
               help="One of: " + ", ".join(METHOD_NAMES) + ".")
 @click.option("--output", "output", metavar="NAME", help="The model output to explain.")
 @click.option("--vjp", is_flag=True, help="Expose the raw activation and gradient instead of a CAM.")
-@click.option("--keep-probabilities", is_flag=True, help="Differentiate the Softmax/Sigmoid output, not its logits.")
-@click.option("--counterfactual", is_flag=True, help="Negate the gradient: regions that argue against the class.")
-@click.option("--target", "target", default="class", show_default=True, type=click.Choice(TARGET_NAMES),
-              help="What to explain: a class logit, a detection's score, a segment, an embedding, a sequence.")
-@click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
-              help="An option of the target (e.g. threshold=0.5, layout=v5, blank=0); repeatable.")
+@score_options
 def augment(model, out, layer, method, output, vjp, keep_probabilities, counterfactual, target, target_options):
     """Write a copy of MODEL that also outputs the CAM (inputs/outputs documented in the README)."""
     from .cam.augment import augment as do_augment
@@ -190,12 +202,7 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
 @click.option("--colormap", default="jet", show_default=True, metavar="NAME", help="OpenCV colormap (jet, turbo, inferno...).")
 @click.option("--max-pixels", default=None, type=int, metavar="N",
               help="Refuse images larger than N pixels (default 100 megapixels).")
-@click.option("--keep-probabilities", is_flag=True, help="Differentiate the Softmax/Sigmoid output, not its logits.")
-@click.option("--counterfactual", is_flag=True, help="Negate the gradient: regions that argue against the class.")
-@click.option("--target", "target", default="class", show_default=True, type=click.Choice(TARGET_NAMES),
-              help="What to explain: a class logit, a detection's score, a segment, an embedding, a sequence.")
-@click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
-              help="An option of the target (e.g. threshold=0.5, layout=v5, blank=0); repeatable.")
+@score_options
 @click.option("--input", "extra_inputs", multiple=True, metavar="NAME=FILE.npy",
               help="Feed a run-time input from a .npy file (onnxcam_mask, onnxcam_reference, onnxcam_box, "
                    "a model's second input...); repeatable.")

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness import rel_err
-from torch_nets import BasicBlock
+from torch_nets import BasicBlock, Block
 from onnxcam.autodiff import add_gradients
 from onnxcam.autodiff.shapes import make_value_info
 
@@ -133,34 +133,6 @@ class MobileNetV3ish(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(feat, 1).flatten(1)), feat, deep
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class ViTBlock(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class ViTish(nn.Module):
     """Patch-embedding conv, class token concat, position embedding add, two pre-norm blocks
     (LayerNorm, multi-head attention with MatMul/Softmax/Transpose/Reshape, GELU MLP), final
@@ -174,7 +146,7 @@ class ViTish(nn.Module):
         n = (self.size // patch) ** 2
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
         self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.5)
-        self.blocks = nn.Sequential(ViTBlock(dim, heads), ViTBlock(dim, heads))
+        self.blocks = nn.Sequential(Block(dim, heads), Block(dim, heads))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 5)
         self.hooks = {"feat": self.norm, "deep": (self.blocks, "input")}
