@@ -13,12 +13,11 @@ recent onnx writers stamp IR versions that older ONNX Runtime builds refuse.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 from .errors import OnnxcamError
-from .io.files import default_permissions
+from .io.files import atomic_path
 from .io.preprocess import PRESET_METADATA_KEY
 
 MODEL_FILENAME = "efficientnet-lite0.onnx"
@@ -68,9 +67,7 @@ def export(path=None) -> Path:
     model.eval()
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target, "could not write the demo model") as tmp:
         dummy = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's notes on constant folding are not for users
@@ -88,10 +85,4 @@ def export(path=None) -> Path:
         proto.metadata_props.add(key=PRESET_METADATA_KEY, value=PRESET)
         onnx.checker.check_model(proto)
         onnx.save_model(proto, tmp)
-        default_permissions(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return target

@@ -50,6 +50,17 @@ def session(model, optimize=False):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def cut_at(model, target):
+    """`model` with the node producing `target` removed and `target` a graph input: f(x, target),
+    the function a dot-product check perturbs at an intermediate tensor."""
+    model = copy.deepcopy(model)
+    keep = [n for n in model.graph.node if target not in n.output]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    model.graph.input.append(helper.make_tensor_value_info(target, TensorProto.FLOAT, None))
+    return model
+
+
 def run(model, feeds, names=None):
     sess = session(model)
     names = names or [o.name for o in model.graph.output]

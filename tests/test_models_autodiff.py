@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import rel_err
+from harness import rel_err, session
 from torch_nets import BasicBlock, Block
 from onnxcam.autodiff import add_gradients
 from onnxcam.autodiff.shapes import make_value_info
@@ -213,13 +213,6 @@ def export(net, opset, dynamo=False):
             torch.onnx.export(net, (x,), buf, opset_version=opset, input_names=["x"], output_names=OUTPUTS,
                               dynamo=False, dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}})
     return onnx.load_from_string(buf.getvalue())
-
-
-def session(model):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def augment(model, targets):

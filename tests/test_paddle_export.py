@@ -22,9 +22,9 @@ import copy
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
+from harness import cut_at, session
 from fetch_models import NetworkUnavailable, rapidocr_model
 from onnxcam.autodiff import add_gradients
 from onnxcam.autodiff.shapes import make_value_info
@@ -62,13 +62,6 @@ def augmented(paddle_model):
 def _report():
     yield
     print("\ndot-product mismatch (paddle cls):", {k: f"{v:.1e}" for k, v in sorted(MEASURED.items())})
-
-
-def session(model):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def image_batch(n, seed=0):
@@ -122,16 +115,6 @@ CHECKS = {
     # a wrong rule gives 1e-1..1). A smoke test of the deep path, not a precision test.
     "hardswish_14.tmp_0": (1e-3, 2e-2, False),
 }
-
-
-def cut_at(model, target):
-    """`model` with the node producing `target` removed and `target` a graph input: f(x, target)."""
-    model = copy.deepcopy(model)
-    keep = [n for n in model.graph.node if target not in n.output]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    model.graph.input.append(onnx.helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT, None))
-    return model
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -40,9 +40,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import cv2
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
+from harness import cut_at, session
 import onnxcam
 from fetch_models import NetworkUnavailable, rapidocr_model
 
@@ -140,27 +140,10 @@ def save_overlay(img, cam, name):
 
 
 # ---------------------------------------------------------------------- the gradient check
-def session(model):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def with_output(model, name):
     model = copy.deepcopy(model)
     if name not in [o.name for o in model.graph.output]:
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return model
-
-
-def cut_at(model, target):
-    """`model` with the node producing `target` removed and `target` a graph input: f(x, target)."""
-    model = copy.deepcopy(model)
-    keep = [n for n in model.graph.node if target not in n.output]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    model.graph.input.append(onnx.helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT, None))
     return model
 
 

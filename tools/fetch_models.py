@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from onnxcam.io.files import atomic_write_bytes
+
 RAPIDOCR_PACKAGE = "rapidocr-onnxruntime"
 RAPIDOCR_VERSION = "1.4.4"
 RAPIDOCR_WHEEL = f"rapidocr_onnxruntime-{RAPIDOCR_VERSION}-py3-none-any.whl"
@@ -77,16 +79,7 @@ def rapidocr_model(name: str) -> Path:
             models = sorted(n.rsplit("/", 1)[-1] for n in zf.namelist() if n.startswith("rapidocr_onnxruntime/models/"))
             raise FileNotFoundError(f"{member} is not in {wheel.name}; it has {models}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(target, data)
     return target
 
 
