@@ -178,3 +178,20 @@ def test_metadata_records_methods_and_automatic_choices(resnet):
     meta = {p.key: p.value for p in onnxcam.augment(resnet, method=["layercam", "gradcam"]).metadata_props}
     assert meta["onnxcam.method"] == "layercam" and meta["onnxcam.methods"] == "layercam,gradcam"
     assert meta["onnxcam.input.onnxcam_class"] == '{"fill": -1, "shape": ["batch"], "dtype": "int64"}'
+
+
+def test_saliency_is_the_input_gradient_magnitude(resnet):
+    """The first input-space method: the planner differentiates to the input, the method reads it."""
+    import torch.nn as nn  # noqa: F401
+    from torch_nets import TinyResNet as Net
+    torch.manual_seed(0)
+    model = randomise_batchnorm(Net()).double().eval()
+    x = np.random.default_rng(5).standard_normal((2, 3, 64, 64))
+    result = onnxcam.Explainer(resnet, method="saliency,gradcam")(x.astype(np.float32))
+    t = torch.tensor(x, requires_grad=True)
+    logits = model(t)
+    logits.gather(1, torch.tensor(result.class_index).view(-1, 1)).sum().backward()
+    expected = t.grad.abs().amax(1).numpy()
+    expected /= expected.reshape(2, -1).max(1)[:, None, None] + 1e-7
+    assert expected.std() > 0.01
+    np.testing.assert_allclose(result.cams["saliency"], expected, atol=1e-4)
