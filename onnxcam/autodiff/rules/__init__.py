@@ -1,3 +1,3 @@
 """VJP rules, one module per family; importing this package registers all of them."""
 
-from . import elementwise, activations, conv_pool, shape_ops, reduction, normalization, linalg, resize  # noqa: F401
+from . import elementwise, activations, conv_pool, shape_ops, reduction, normalization, linalg, resize, recurrent  # noqa: F401
