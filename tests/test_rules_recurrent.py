@@ -76,9 +76,9 @@ def node_arrays(op, directions, states, peephole, lens, layout, seed=0):
 GRAPH_INPUTS = ("x", "lens", "h0", "c0")
 
 
-def node_model(op, attrs, arrays, opset, dtype, constant_lens=False):
+def node_model(op, attrs, arrays, opset, dtype, constant_lens=False, dynamic_length=False):
     """One recurrent node; x, lens, h0, c0 are graph inputs (lens an initializer if
-    constant_lens), the weights initializers."""
+    constant_lens; x's sequence axis a symbol if dynamic_length), the weights initializers."""
     np_type = np.float64 if dtype == TensorProto.DOUBLE else np.float32
     names = ["x", "w", "r", "b", "lens", "h0", "c0", "p"][:8 if op == "LSTM" else 6]
     inputs = [n if n in arrays else "" for n in names]
@@ -87,8 +87,10 @@ def node_model(op, attrs, arrays, opset, dtype, constant_lens=False):
     outputs = ["y", "yh", "yc"] if op == "LSTM" else ["y", "yh"]
     node = helper.make_node(op, inputs, outputs, **attrs)
     fed = [n for n in GRAPH_INPUTS if n in arrays and not (n == "lens" and constant_lens)]
-    vis = [helper.make_tensor_value_info(n, TensorProto.INT32 if n == "lens" else dtype, arrays[n].shape)
-           for n in fed]
+    shapes = {n: list(arrays[n].shape) for n in fed}
+    if dynamic_length:
+        shapes["x"][attrs.get("layout", 0)] = "T"
+    vis = [helper.make_tensor_value_info(n, TensorProto.INT32 if n == "lens" else dtype, shapes[n]) for n in fed]
     inits = [numpy_helper.from_array(arrays[n].astype(np_type), n) for n in ("w", "r", "b", "p") if n in arrays]
     if constant_lens:
         inits.append(numpy_helper.from_array(arrays["lens"], "lens"))
@@ -101,7 +103,7 @@ def node_model(op, attrs, arrays, opset, dtype, constant_lens=False):
 
 def run_fed(model, arrays, np_type, outputs=None):
     fed = {i.name for i in model.graph.input}
-    feeds = {n: (arrays[n] if n == "lens" else arrays[n].astype(np_type)) for n in fed if n in arrays}
+    feeds = {n: (arrays[n] if n == "lens" else np.asarray(arrays[n]).astype(np_type)) for n in fed if n in arrays}
     return session(model).run(outputs, feeds)
 
 
@@ -115,10 +117,15 @@ def reference(op, attrs, arrays, requires_grad=()):
 
 
 def add_score(model, output_seeds, opset):
-    """score = sum_k sum(seed_k * output_k), built in the graph so one seed (1.0) covers all outputs."""
+    """score = sum_k sum(seed_k * output_k), built in the graph so one seed (1.0) covers all outputs.
+    A seed given as None becomes a graph input `seed_<output>` of the output's type."""
     graph, parts = model.graph, []
+    types = {o.name: o.type.tensor_type.elem_type for o in graph.output}
     for name, seed in output_seeds.items():
-        graph.initializer.append(numpy_helper.from_array(seed, f"seed_{name}"))
+        if seed is None:
+            graph.input.append(helper.make_tensor_value_info(f"seed_{name}", types[name], None))
+        else:
+            graph.initializer.append(numpy_helper.from_array(seed, f"seed_{name}"))
         graph.node.append(helper.make_node("Mul", [name, f"seed_{name}"], [f"weighted_{name}"]))
         graph.node.append(helper.make_node("ReduceSum", [f"weighted_{name}"], [f"sum_{name}"], keepdims=0))
         parts.append(f"sum_{name}")
@@ -133,6 +140,8 @@ def gradient_only(model, gradients):
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # Scan bodies read outer tensors by name
+                needed.update(i for n in attr.g.node for i in n.input)
     assert not any(n.op_type in ("LSTM", "GRU", "RNN") for n in kept), "the gradient reads the op's outputs"
     del graph.node[:]
     graph.node.extend(reversed(kept))
@@ -210,6 +219,33 @@ def test_sequence_lens(op, direction):
     check_node(op, 11, attrs, DIRECTIONS[direction], states=False, lens=[T] * N, key=f"{op} sequence_lens")
     check_node(op, 17, attrs, DIRECTIONS[direction], states=False, lens=[T] * N, constant_lens=True,
                key=f"{op} sequence_lens")
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_dynamic_sequence_length(op):
+    """X declared [T, N, I] with T a symbol: one gradient graph serves two lengths (float32, the
+    op's outputs are needed here for the score's shape, so ORT's kernel runs: tolerance 1e-5)."""
+    attrs = dict(hidden_size=H, direction="bidirectional")
+    arrays = node_arrays(op, 2, True, False, None, 0)
+    model = node_model(op, attrs, arrays, 13, TensorProto.FLOAT, dynamic_length=True)
+    outputs = [o.name for o in model.graph.output]
+    add_score(model, {n: None for n in outputs}, 13)
+    built = add_gradients(model, ["x", "h0"], "score")
+    grads = [built.gradients["x"], built.gradients["h0"]]
+    model.graph.output.extend(make_value_info(g, built.emitter.info(n)) for g, n in zip(grads, ["x", "h0"]))
+    for length in (4, 7):
+        x = np.random.default_rng(length).standard_normal((length, N, I))
+        run_arrays = dict(arrays, x=x)
+        t, outs = reference(op, attrs, run_arrays, requires_grad=("x", "h0"))
+        rng = np.random.default_rng(length + 1)
+        seeds = {f"seed_{n}": rng.standard_normal(tuple(o.shape)) for n, o in zip(outputs, outs) if o is not None}
+        sum((o * torch.tensor(seeds[f"seed_{n}"])).sum() for n, o in zip(outputs, outs) if o is not None).backward()
+        feeds = dict(run_arrays, **seeds, **{built.seed: np.asarray(1.0)})
+        got = run_fed(model, feeds, np.float32, grads)
+        for g, n in zip(got, ["x", "h0"]):
+            err = rel_err(g, t[n].grad.numpy())
+            _record(f"{op} dynamic length (float32)", err)
+            assert err < 1e-5, (n, length, err)
 
 
 @pytest.mark.parametrize("output", ["y", "yh", "yc"])

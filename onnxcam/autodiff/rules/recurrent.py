@@ -1,11 +1,11 @@
-"""LSTM, GRU and RNN: backpropagation through time, unrolled over a static sequence length.
+"""LSTM, GRU and RNN: backpropagation through time, as two ONNX Scans per direction.
 
 The ops expose neither their gates nor their cell states, so the rule recomputes the recurrence
-from the node's inputs, one time step at a time in standard ops (MatMul, Split, activations),
-keeping every intermediate, then walks the steps backwards. The input projection X·Wᵀ and its
-gradient dA·W are one MatMul each over all steps; only the recurrent part is unrolled. The
-sequence length must therefore be known when the graph is built (a fixed input width for OCR
-models); a dynamic one is refused naming the node.
+from the node's inputs in a Scan whose body is one time step in standard ops (MatMul, Split,
+activations) and which stacks every step's intermediates; a second Scan walks the steps the other
+way with the gradient states (dH, dC). The input projection X·Wᵀ and its gradient dA·W are one
+MatMul each over all steps. The graph does not grow with the sequence length, and the length may
+be dynamic (text recognisers exported with a free input width).
 
 Equations and gate orders are ONNX's (LSTM iofc, GRU zrh; exporters reorder torch's ifgo/rzn
 weights themselves): see onnx.defs.get_schema("LSTM").doc. Gradients flow to X, initial_h and
@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
+from ..emitter import Emitter
 from ..registry import vjp
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -188,13 +189,13 @@ class _LSTMCell:
     """it, ot, ft, ct from the pre-activations (iofc); Ct = ft·Ct-1 + it·ct; Ht = ot·h(Ct)."""
 
     def __init__(self, e, node, w: _Direction, acts, hidden, clip):
-        self.e, self.w, self.hidden, self.clip = e, w, hidden, clip
+        self.w, self.hidden, self.clip = w, hidden, clip
         self.f, self.g, self.h = acts
         self.coupled = bool(node.attr("input_forget", 0))
         self.rt = e.op("Transpose", w.r, perm=[1, 0])
 
-    def step(self, xw, h, c):
-        e, w, clip = self.e, self.w, self.clip
+    def step(self, e, xw, h, c):
+        w, clip = self.w, self.clip
         pre = e.op("Add", xw, e.op("MatMul", h, self.rt))
         pi, po, pf, pc = e.split(pre, 1, [self.hidden] * 4)
         if w.p is not None:
@@ -213,10 +214,9 @@ class _LSTMCell:
         saved = dict(i=i, f=f, f_val=f_val, cc=cc, o=o, c_prev=c, c_new=c_new, hc=hc)
         return h_new, c_new, saved
 
-    def back(self, s, dh, dc):
+    def back(self, e, s, dh, dc):
         """Gradients of the pre-activations [N, 4H] (iofc), of H_t-1 and of C_t-1."""
-        e, w = self.e, self.w
-        dh = dh if dh is not None else e.zeros_like(s["hc"])
+        w = self.w
         do = _act_grad(e, s["o"], e.op("Mul", dh, s["hc"]))
         dct = self.h.backward(e, s["c_new"], s["hc"], e.op("Mul", dh, s["o"]["y"]))
         dct = _add(e, dc, dct)
@@ -243,7 +243,7 @@ class _GRUCell:
     rt·(Ht-1·Rhᵀ + Rbh) (=1, torch's form); Ht = (1 - zt)·ht + zt·Ht-1."""
 
     def __init__(self, e, node, w: _Direction, acts, hidden, clip):
-        self.e, self.w, self.hidden, self.clip = e, w, hidden, clip
+        self.w, self.hidden, self.clip = w, hidden, clip
         self.f, self.g = acts
         self.lbr = bool(node.attr("linear_before_reset", 0))
         self.r_zr, self.r_h = e.split(w.r, 0, [2 * hidden, hidden])
@@ -251,8 +251,8 @@ class _GRUCell:
         self.r_h_t = e.op("Transpose", self.r_h, perm=[1, 0])
         self.rbh = e.split(w.rb, 0, [2 * hidden, hidden])[1] if (self.lbr and w.rb is not None) else None
 
-    def step(self, xw, h, c):
-        e, clip = self.e, self.clip
+    def step(self, e, xw, h, c):
+        clip = self.clip
         xz, xr, xh = e.split(xw, 1, [self.hidden] * 3)
         hz, hr = e.split(e.op("MatMul", h, self.r_zr_t), 1, [self.hidden] * 2)
         z = _act(e, self.f, e.op("Add", xz, hz), clip)
@@ -268,8 +268,7 @@ class _GRUCell:
         h_new = e.op("Add", hh["y"], e.op("Mul", z["y"], e.op("Sub", h, hh["y"])))
         return h_new, None, dict(z=z, r=r, hh=hh, lin=lin, h_prev=h)
 
-    def back(self, s, dh, dc):
-        e = self.e
+    def back(self, e, s, dh, dc):
         h_prev, z = s["h_prev"], s["z"]["y"]
         dz = _act_grad(e, s["z"], e.op("Mul", dh, e.op("Sub", h_prev, s["hh"]["y"])))
         dhh = _act_grad(e, s["hh"], e.op("Mul", dh, e.op("Sub", e.scalar(1.0, z), z)))
@@ -290,46 +289,93 @@ class _RNNCell:
     """Ht = f(Xt·Wᵀ + Ht-1·Rᵀ + Wb + Rb)."""
 
     def __init__(self, e, node, w: _Direction, acts, hidden, clip):
-        self.e, self.w, self.clip = e, w, clip
+        self.w, self.clip = w, clip
         (self.f,) = acts
         self.rt = e.op("Transpose", w.r, perm=[1, 0])
 
-    def step(self, xw, h, c):
-        e = self.e
+    def step(self, e, xw, h, c):
         a = _act(e, self.f, e.op("Add", xw, e.op("MatMul", h, self.rt)), self.clip)
         return a["y"], None, dict(a=a)
 
-    def back(self, s, dh, dc):
-        da = _act_grad(self.e, s["a"], dh)
-        return da, self.e.op("MatMul", da, self.w.r), None
+    def back(self, e, s, dh, dc):
+        da = _act_grad(e, s["a"], dh)
+        return da, e.op("MatMul", da, self.w.r), None
 
 
 _CELLS = {"LSTM": _LSTMCell, "GRU": _GRUCell, "RNN": _RNNCell}
 
 
+# ---------------------------------------------------------------------- Scan bodies
+def _flatten(tree, names: List[str]):
+    """The distinct tensor names (str leaves) of a nested dict, in a fixed order."""
+    if isinstance(tree, str):
+        if tree not in names:
+            names.append(tree)
+    elif isinstance(tree, dict):
+        for key in sorted(tree):
+            _flatten(tree[key], names)
+    return names
+
+
+def _rebuild(tree, renamed: Dict[str, str]):
+    """`tree` with its str leaves renamed; other leaves (activation functions, None) kept."""
+    if isinstance(tree, str):
+        return renamed[tree]
+    if isinstance(tree, dict):
+        return {key: _rebuild(value, renamed) for key, value in tree.items()}
+    return tree
+
+
+def _scan(e, name: str, states: List[str], inputs: List[str], reverse: bool, body_fn):
+    """One Scan over axis 0 of `inputs` carrying `states`. body_fn(body_emitter, states, slices)
+    returns (new states, per-step outputs); the per-step outputs come back stacked in time order
+    whichever the direction. Returns (final states, stacked outputs).
+
+    The body reads the outer graph's tensors (weights, constants) by name, as ONNX subgraphs may;
+    its own constants are moved to the outer graph for the same reason."""
+    body = Emitter(e.opset, e.infos, e.taken, prefix=e.prefix)
+    state_in = [body.set_info(body.fresh(f"{name}_state"), e.dtype(s)) for s in states]
+    step_in = [body.set_info(body.fresh(f"{name}_step"), e.dtype(x)) for x in inputs]
+    new_states, step_out = body_fn(body, state_in, step_in)
+    produced = {o for n in body.nodes for o in n.output}
+    outs = []
+    for o in list(new_states) + list(step_out):  # each output its own body tensor
+        outs.append(o if o in produced and o not in outs else body.op("Identity", o))
+    # Every state and step here is a [batch, size] matrix; ONNX Runtime's Scan (before opset 16)
+    # wants the body's outputs shaped, which it infers from ranked inputs.
+    def matrix(n):
+        return helper.make_tensor_value_info(n, body.dtype(n), [None, None])
+    graph = helper.make_graph(body.nodes, body.fresh(f"{name}_body"), [matrix(n) for n in state_in + step_in],
+                              [matrix(n) for n in outs])
+    e.initializers.extend(body.initializers)
+    attrs = {}
+    if reverse:
+        attrs = dict(scan_input_directions=[1] * len(inputs), scan_output_directions=[1] * len(step_out))
+    results = e.op("Scan", *states, *inputs, outputs=len(outs), body=graph, num_scan_inputs=len(inputs),
+                   hint=name, **attrs)
+    results = results if isinstance(results, list) else [results]
+    for r, o in zip(results, outs):
+        e.set_info(r, body.dtype(o))
+    return results[:len(states)], results[len(states):]
+
+
 # ---------------------------------------------------------------------- the rule
-def _static_length(ctx, node, x: str, layout: int) -> int:
-    shape = ctx.emit.info(x).shape
-    length = None if shape is None or len(shape) != 3 else shape[layout]
-    if not isinstance(length, int) or length < 0:
-        raise NotImplementedError(
-            f"the sequence length of input {node.inputs[0]!r} is not fixed (shape {shape}); the {node.op} "
-            "gradient is unrolled over the time steps, so export the model with a fixed sequence length "
-            "(a fixed input width for text recognisers)")
-    return length
-
-
-def _step_masks(ctx, node, length: int):
-    """Per step, a [N, 1] bool mask 'this step is inside the sequence', or None when every
-    sequence is known to span all `length` steps."""
+def _step_masks(ctx, node, xs: str) -> Optional[str]:
+    """[T, N, 1] bool 'step t is inside sequence n', or None when no sequence_lens is given or
+    every length is known to be the full sequence."""
     e, lens = ctx.emit, node.input(4)
     if lens is None:
         return None
+    length = e.dims(xs)[0]
     value = ctx.value(lens)
-    if value is not None and np.all(np.asarray(value) == length):
+    if value is not None and isinstance(length, int) and np.all(np.asarray(value) == length):
         return None
-    lens = e.unsqueeze(e.cast(lens, TensorProto.INT64), [1])  # [N, 1]
-    return [e.op("Less", e.ints([t]), lens) for t in range(length)]
+    scalar = (lambda d: e.const(np.asarray(d, np.int64), TensorProto.INT64)) if isinstance(length, int) else None
+    limit = scalar(length) if scalar else e.op("Reshape", length, e.ints([]))
+    steps = e.op("Range", e.const(np.asarray(0, np.int64), TensorProto.INT64), limit,
+                 e.const(np.asarray(1, np.int64), TensorProto.INT64))
+    lens = e.cast(lens, TensorProto.INT64)
+    return e.op("Less", e.unsqueeze(steps, [1, 2]), e.unsqueeze(lens, [0, 2]))
 
 
 def _to_time_major(e, t: Optional[str], layout: int, perm) -> Optional[str]:
@@ -338,7 +384,9 @@ def _to_time_major(e, t: Optional[str], layout: int, perm) -> Optional[str]:
 
 @vjp("LSTM", "GRU", "RNN", differentiable=(0, 5, 6))
 def recurrent(ctx, node, grads):
-    """Backpropagation through time for one LSTM/GRU/RNN layer, all directions."""
+    """Backpropagation through time for one LSTM/GRU/RNN layer, each direction two Scans: the
+    forward recurrence recomputed (keeping every step's gates), then the gradient recurrence run
+    the other way. X·Wᵀ and dA·W are one MatMul each over all steps."""
     e, op = ctx.emit, node.op
     layout = int(node.attr("layout", 0))
     direction = node.attr("direction", "forward")
@@ -346,18 +394,18 @@ def recurrent(ctx, node, grads):
         raise NotImplementedError(f"direction {direction!r}")
     directions = 2 if direction == "bidirectional" else 1
     x = node.input(0)
-    length = _static_length(ctx, node, x, layout)
+    if e.info(x).shape is None or len(e.info(x).shape) != 3:
+        raise KeyError(f"rank of {x!r} unknown")
     hidden = node.attr("hidden_size")
     if hidden is None:
         r_shape = e.info(node.input(2)).shape
         if r_shape is None or not isinstance(r_shape[-1], int):
             raise NotImplementedError("hidden_size is not given and R's shape is unknown")
         hidden = r_shape[-1]
-    gates = _GATES[op]
     clip = node.attr("clip")
     clip = None if clip is None else float(clip)
     acts = _activations(node, directions)
-    masks = _step_masks(ctx, node, length)
+    lstm = op == "LSTM"
 
     # Everything in time-major form: X [T, N, I], Y [T, D, N, H], states [D, N, H].
     xs = _to_time_major(e, x, layout, [1, 0, 2])
@@ -365,66 +413,75 @@ def recurrent(ctx, node, grads):
     g_yh = _to_time_major(e, grads[1] if len(grads) > 1 else None, layout, [1, 0, 2])
     g_yc = _to_time_major(e, grads[2] if len(grads) > 2 else None, layout, [1, 0, 2])
     h0 = _to_time_major(e, node.input(5), layout, [1, 0, 2])
-    c0 = _to_time_major(e, node.input(6) if op == "LSTM" else None, layout, [1, 0, 2])
-    batch = e.dims(x)[1 - layout]
+    c0 = _to_time_major(e, node.input(6) if lstm else None, layout, [1, 0, 2])
+    masks = _step_masks(ctx, node, xs)
+    zeros = e.zeros([e.dims(x)[1 - layout], hidden], e.dtype(xs))
 
     dx, dh0, dc0 = None, [], []
     for d in range(directions):
-        w = _Direction(e, node, d, hidden, gates)
+        w = _Direction(e, node, d, hidden, _GATES[op])
         cell = _CELLS[op](e, node, w, acts[d], hidden, clip)
         xw = e.op("MatMul", xs, e.op("Transpose", w.w, perm=[1, 0]))  # [T, N, G·H]
         bias = _input_bias(e, op, w, hidden, cell)
         if bias is not None:
             xw = e.op("Add", xw, bias)
-        zeros = e.zeros([batch, hidden], e.dtype(xs))
-        h = _at(e, h0, d) if h0 is not None else zeros
-        c = (_at(e, c0, d) if c0 is not None else zeros) if op == "LSTM" else None
-        order = range(length) if (direction == "forward" or (directions == 2 and d == 0)) else range(length - 1, -1, -1)
-        saved = {}
-        for t in order:  # the forward recurrence, recomputed
-            h_new, c_new, saved[t] = cell.step(_at(e, xw, t), h, c)
-            saved[t]["h_new"] = h_new
+        reverse = direction == "reverse" or d == 1
+        states = [_at(e, h0, d) if h0 is not None else zeros]
+        if lstm:
+            states.append(_at(e, c0, d) if c0 is not None else zeros)
+        step_inputs = [xw] + ([masks] if masks is not None else [])
+        template = {}
+
+        def forward_step(b, state, step):
+            h, c = state[0], (state[1] if lstm else None)
+            h_new, c_new, saved = cell.step(b, step[0], h, c)
             if masks is not None:  # past a sequence's end the state is frozen
-                h_new = e.op("Where", masks[t], h_new, h)
-                c_new = e.op("Where", masks[t], c_new, c) if c is not None else None
-            h, c = h_new, c_new
-        # ... and backwards through it
-        dh = _at(e, g_yh, d) if g_yh is not None else None
-        dc = _at(e, g_yc, d) if g_yc is not None else None
+                h_new = b.op("Where", step[1], h_new, h)
+                c_new = b.op("Where", step[1], c_new, c) if lstm else None
+            template.update(saved)
+            return [h_new] + ([c_new] if lstm else []), _flatten(saved, [])
+
+        _, stacked = _scan(e, "rnn_forward", states, step_inputs, reverse, forward_step)
+
         g_yd = _at(e, g_y, d, axis=1) if g_y is not None else None  # [T, N, H]
-        dpre = {}
-        for t in reversed(list(order)):
-            dh_step = _add(e, dh, _at(e, g_yd, t) if g_yd is not None else None)
+        back_states = [_at(e, g_yh, d) if g_yh is not None else zeros]
+        if lstm:
+            back_states.append(_at(e, g_yc, d) if g_yc is not None else zeros)
+        back_inputs = stacked + ([g_yd] if g_yd is not None else []) + ([masks] if masks is not None else [])
+
+        def backward_step(b, state, step):
+            dh, dc = state[0], (state[1] if lstm else None)
+            step = list(step)
+            saved = _rebuild(template, dict(zip(_flatten(template, []), step[:len(stacked)])))
+            rest = step[len(stacked):]
+            g_t = rest.pop(0) if g_yd is not None else None
+            mask = rest.pop(0) if masks is not None else None
+            dh_step = _add(b, dh, g_t)
             dc_step = dc
-            keep_h = keep_c = None
-            if masks is not None:  # inside: the step's gradient; outside: passes to the previous state
-                zero = e.scalar(0.0, xs)
-                if dh is not None:
-                    keep_h = e.op("Where", masks[t], zero, dh)
-                if dc is not None:
-                    keep_c = e.op("Where", masks[t], zero, dc)
-                dh_step = e.op("Where", masks[t], dh_step, zero) if dh_step is not None else None
-                dc_step = e.op("Where", masks[t], dc_step, zero) if dc_step is not None else None
-            if dh_step is None and dc_step is None:
-                dpre[t] = None
-                continue
-            if dh_step is None:
-                dh_step = e.zeros_like(saved[t]["h_new"])
-            dpre[t], dh, dc = cell.back(saved[t], dh_step, dc_step)
-            dh, dc = _add(e, dh, keep_h), _add(e, dc, keep_c)
+            if mask is not None:  # inside: the step's gradient; outside: passes to the previous state
+                zero = b.scalar(0.0, dh)
+                keep_h, dh_step = b.op("Where", mask, zero, dh), b.op("Where", mask, dh_step, zero)
+                if lstm:
+                    keep_c, dc_step = b.op("Where", mask, zero, dc), b.op("Where", mask, dc, zero)
+            da, dh_prev, dc_prev = cell.back(b, saved, dh_step, dc_step)
+            if mask is not None:
+                dh_prev = b.op("Add", dh_prev, keep_h)
+                dc_prev = b.op("Add", dc_prev, keep_c) if lstm else None
+            return [dh_prev] + ([dc_prev] if lstm else []), [da]
+
+        final, (dpre,) = _scan(e, "rnn_backward", back_states, back_inputs, not reverse, backward_step)
         if ctx.needs(node, 0):
-            steps = [dpre[t] if dpre[t] is not None else e.zeros_like(_at(e, xw, t)) for t in range(length)]
-            dx_d = e.op("MatMul", _stack(e, steps), w.w)  # [T, N, I]
-            dx = _add(e, dx, dx_d)
-        dh0.append(dh if dh is not None else zeros)
-        dc0.append(dc if dc is not None else zeros)
+            dx = _add(e, dx, e.op("MatMul", dpre, w.w))  # [T, N, I]
+        dh0.append(final[0])
+        if lstm:
+            dc0.append(final[1])
 
     out: Dict[int, str] = {}
     if dx is not None:
         out[0] = _to_time_major(e, dx, layout, [1, 0, 2])
     if ctx.needs(node, 5):
         out[5] = _to_time_major(e, _stack(e, dh0), layout, [1, 0, 2])
-    if op == "LSTM" and ctx.needs(node, 6):
+    if lstm and ctx.needs(node, 6):
         out[6] = _to_time_major(e, _stack(e, dc0), layout, [1, 0, 2])
     return out
 
