@@ -219,6 +219,8 @@ def test_sequence_lens(op, direction):
     check_node(op, 11, attrs, DIRECTIONS[direction], states=False, lens=[T] * N, key=f"{op} sequence_lens")
     check_node(op, 17, attrs, DIRECTIONS[direction], states=False, lens=[T] * N, constant_lens=True,
                key=f"{op} sequence_lens")
+    check_node(op, 14, dict(attrs, layout=1), DIRECTIONS[direction], states=True, lens=[1, 4, 2],
+               key=f"{op} sequence_lens")
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
@@ -413,3 +415,12 @@ def test_torch_dynamo_export(kind):
     net = Recurrent(kind, 2, True, True, True).eval()
     arrays = torch_inputs(net, kind, 2, True, True, True, seed=5)
     check_exported(net, arrays, export_recurrent(net, arrays, 18, dynamo=True), 18, f"torch {kind} dynamo")
+
+
+def test_unknown_activation_is_refused_naming_the_node():
+    from onnxcam.errors import UnsupportedModelError
+    arrays = node_arrays("RNN", 1, False, False, None, 0)
+    model = node_model("RNN", dict(hidden_size=H, activations=["Swish"]), arrays, 13, TensorProto.FLOAT)
+    model.graph.node[0].name = "encoder_rnn"
+    with pytest.raises(UnsupportedModelError, match=r"'encoder_rnn' \(RNN, opset 13\).*activation 'Swish'"):
+        add_gradients(model, ["x"], "y")

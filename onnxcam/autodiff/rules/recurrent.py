@@ -341,9 +341,10 @@ def _scan(e, name: str, states: List[str], inputs: List[str], reverse: bool, bod
     outs = []
     for o in list(new_states) + list(step_out):  # each output its own body tensor
         outs.append(o if o in produced and o not in outs else body.op("Identity", o))
-    # Every state and step here is a [batch, size] matrix; ONNX Runtime's Scan (before opset 16)
-    # wants the body's outputs shaped, which it infers from ranked inputs.
+
     def matrix(n):
+        """Every state and step here is a [batch, size] matrix; ONNX Runtime's Scan (before
+        opset 16) wants the body's outputs shaped, which it infers from ranked inputs."""
         return helper.make_tensor_value_info(n, body.dtype(n), [None, None])
     graph = helper.make_graph(body.nodes, body.fresh(f"{name}_body"), [matrix(n) for n in state_in + step_in],
                               [matrix(n) for n in outs])
@@ -360,20 +361,20 @@ def _scan(e, name: str, states: List[str], inputs: List[str], reverse: bool, bod
 
 
 # ---------------------------------------------------------------------- the rule
-def _step_masks(ctx, node, xs: str) -> Optional[str]:
+def _step_masks(ctx, node, length) -> Optional[str]:
     """[T, N, 1] bool 'step t is inside sequence n', or None when no sequence_lens is given or
-    every length is known to be the full sequence."""
+    every length is known to be the full sequence `length` (an int or a run-time dim)."""
     e, lens = ctx.emit, node.input(4)
     if lens is None:
         return None
-    length = e.dims(xs)[0]
     value = ctx.value(lens)
     if value is not None and isinstance(length, int) and np.all(np.asarray(value) == length):
         return None
-    scalar = (lambda d: e.const(np.asarray(d, np.int64), TensorProto.INT64)) if isinstance(length, int) else None
-    limit = scalar(length) if scalar else e.op("Reshape", length, e.ints([]))
-    steps = e.op("Range", e.const(np.asarray(0, np.int64), TensorProto.INT64), limit,
-                 e.const(np.asarray(1, np.int64), TensorProto.INT64))
+
+    def scalar(v):
+        return e.const(np.asarray(v, np.int64), TensorProto.INT64)
+    limit = scalar(length) if isinstance(length, int) else e.op("Reshape", length, e.ints([]))
+    steps = e.op("Range", scalar(0), limit, scalar(1))
     lens = e.cast(lens, TensorProto.INT64)
     return e.op("Less", e.unsqueeze(steps, [1, 2]), e.unsqueeze(lens, [0, 2]))
 
@@ -414,8 +415,9 @@ def recurrent(ctx, node, grads):
     g_yc = _to_time_major(e, grads[2] if len(grads) > 2 else None, layout, [1, 0, 2])
     h0 = _to_time_major(e, node.input(5), layout, [1, 0, 2])
     c0 = _to_time_major(e, node.input(6) if lstm else None, layout, [1, 0, 2])
-    masks = _step_masks(ctx, node, xs)
-    zeros = e.zeros([e.dims(x)[1 - layout], hidden], e.dtype(xs))
+    length, batch = e.dims(x)[layout], e.dims(x)[1 - layout]
+    masks = _step_masks(ctx, node, length)
+    zeros = e.zeros([batch, hidden], e.dtype(xs))
 
     dx, dh0, dc0 = None, [], []
     for d in range(directions):
