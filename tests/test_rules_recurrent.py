@@ -424,3 +424,17 @@ def test_unknown_activation_is_refused_naming_the_node():
     model.graph.node[0].name = "encoder_rnn"
     with pytest.raises(UnsupportedModelError, match=r"'encoder_rnn' \(RNN, opset 13\).*activation 'Swish'"):
         add_gradients(model, ["x"], "y")
+
+
+def test_weights_computed_from_the_target_are_refused():
+    """Only X and the initial states get gradients: a partial answer would be wrong, so say so."""
+    from onnxcam.errors import UnsupportedModelError
+    arrays = node_arrays("GRU", 1, False, False, None, 0)
+    model = node_model("GRU", dict(hidden_size=H), arrays, 13, TensorProto.FLOAT)
+    graph = model.graph
+    graph.node[0].name = "decoder_gru"
+    graph.node[0].input[1] = "w_scaled"
+    graph.node.insert(0, helper.make_node("Mul", ["w", "scale"], ["w_scaled"]))
+    graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]))
+    with pytest.raises(UnsupportedModelError, match=r"'decoder_gru' \(GRU, opset 13\).*weights W depend"):
+        add_gradients(model, ["x", "scale"], "y")

@@ -383,12 +383,19 @@ def _to_time_major(e, t: Optional[str], layout: int, perm) -> Optional[str]:
     return t if t is None or layout == 0 else e.op("Transpose", t, perm=perm)
 
 
-@vjp("LSTM", "GRU", "RNN", differentiable=(0, 5, 6))
+_WEIGHTS = {1: "W", 2: "R", 3: "B", 7: "P"}
+
+
+@vjp("LSTM", "GRU", "RNN")
 def recurrent(ctx, node, grads):
     """Backpropagation through time for one LSTM/GRU/RNN layer, each direction two Scans: the
     forward recurrence recomputed (keeping every step's gates), then the gradient recurrence run
     the other way. X·Wᵀ and dA·W are one MatMul each over all steps."""
     e, op = ctx.emit, node.op
+    computed = [name for i, name in _WEIGHTS.items() if ctx.needs(node, i)]
+    if computed:  # a partial gradient would be a wrong answer: refuse
+        raise NotImplementedError(f"its weights {'/'.join(computed)} depend on the target; gradients are built "
+                                  "for X, initial_h and initial_c only (weights as constants)")
     layout = int(node.attr("layout", 0))
     direction = node.attr("direction", "forward")
     if direction not in ("forward", "reverse", "bidirectional"):
