@@ -21,7 +21,7 @@ def make_images(folder: Path, count: int) -> None:
     import numpy as np
     from skimage import data
 
-    photos = [getattr(data, n)() for n in ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left",
+    photos = [getattr(data, n)() for n in ("chelsea", "coffee", "astronaut", "rocket", "colorwheel",
                                            "immunohistochemistry", "hubble_deep_field", "retina")]
     rng = np.random.default_rng(0)
     for i in range(count):
