@@ -105,7 +105,7 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
         return _augment_vjp(proto, analysis, emit, _layers(proto, analysis, score, spec, label), out)
 
     the_plan = plan(spec.methods)
-    layers = _layers(proto, analysis, score, spec, label) if the_plan.needs_layers else []
+    layers = _layers(proto, analysis, score, spec, label, image) if the_plan.needs_layers else []
     t = TargetInput(proto, emit, out, score, image, analysis)
     chosen = TARGETS[spec.target](t, **spec.target_options)
     seed = emit.op("Neg", chosen.seed) if spec.counterfactual else chosen.seed
@@ -116,7 +116,9 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
 
     ctx = MethodContext(emit, image, layers)
     _differentiate(proto, analysis, emit, the_plan, ctx, seeded, seed, score, spec)
+    emit.fold_expands = True  # the methods read gradients constant over space in compact form
     _run_methods(emit, the_plan, ctx, spec)
+    emit.fold_expands = False
 
     first = spec.methods[0]
     several = len(spec.methods) > 1
@@ -139,10 +141,19 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
 
 
 # ---------------------------------------------------------------------- steps
-def _layers(proto, analysis, score, spec, label) -> List[str]:
+def _layers(proto, analysis, score, spec, label, image=None) -> List[str]:
     candidates = candidate_layers(analysis, score)
     all_tensors = {t for n in proto.graph.node for t in n.output} | {i.name for i in proto.graph.input}
-    return resolve_layers(spec.layers, candidates, all_tensors, label)
+    layers = resolve_layers(spec.layers, candidates, all_tensors, label)
+    if image is not None and all(isinstance(image.shape[a], int) for a in image.spatial_axes):
+        # A fixed input size fixes every feature map's size, but shape inference loses it behind
+        # padding computed at run time (TF-style "same" exports): measured once, the sizes make
+        # the backward pass and the CAM static (no Shape/Gather arithmetic per run).
+        unknown = [l for l in layers if (analysis.infos.get(l) is None or analysis.infos[l].shape is None
+                                         or not all(isinstance(d, int) for d in analysis.infos[l].shape[1:]))]
+        if unknown:
+            analysis.probe(unknown)
+    return layers
 
 
 def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, seeded, seed, score, spec) -> None:
@@ -210,10 +221,43 @@ def _layer_dims(image, layers):
 
 
 def _expose(proto, emit, tensor, name, dtype, shape):
-    """Make `tensor` a graph output called `name` (through an Identity: names are an API)."""
-    emit.nodes.append(helper.make_node("Identity", [tensor], [name], name=emit.fresh(f"{name}_node")))
+    """Make `tensor` a graph output called `name` (names are an API): onnxcam's own tensors are
+    renamed where they are made (an Identity per output is a node ONNX Runtime dispatches on
+    every run); the model's own tensors, or one exposed twice, go through an Identity."""
+    renamed = emit.__dict__.setdefault("exposed_as", {})  # a tensor exposed before under another name
+    tensor = renamed.get(tensor, tensor)
+    if _rename(proto, emit, tensor, name):
+        renamed[tensor] = name
+    else:
+        emit.nodes.append(helper.make_node("Identity", [tensor], [name], name=emit.fresh(f"{name}_node")))
     shape = None if shape is None else tuple(shape)
     proto.graph.output.append(make_value_info(name, TensorInfo(dtype, shape), symbol_prefix=name))
+
+
+def _rename(proto, emit, tensor, name) -> bool:
+    producer_prefix = emit.prefix + "/"
+    nodes = list(emit.nodes) + list(proto.graph.node)
+    producer = next((n for n in reversed(nodes) if tensor in n.output), None)
+    if producer is None or not producer.name.startswith(producer_prefix) or not tensor.startswith(producer_prefix):
+        return False
+    if any(o.name == tensor for o in proto.graph.output):
+        return False
+    for node in nodes:
+        for i, value in enumerate(node.input):
+            if value == tensor:
+                node.input[i] = name
+        for i, value in enumerate(node.output):
+            if value == tensor:
+                node.output[i] = name
+        for attr in node.attribute:  # subgraphs of onnxcam's own control flow may read it
+            if attr.type == onnx.AttributeProto.GRAPH:
+                for inner in attr.g.node:
+                    for i, value in enumerate(inner.input):
+                        if value == tensor:
+                            inner.input[i] = name
+    if tensor in emit.infos:
+        emit.infos[name] = emit.infos[tensor]
+    return True
 
 
 def _augment_vjp(proto, analysis, emit, targets, out):

@@ -5,7 +5,7 @@
 """
 
 from .context import MethodContext  # noqa: F401
-from .registry import LAYER, MAP, METHODS_REGISTRY, Method, Needs, get_method, layer_method, map_method  # noqa: F401
+from .registry import LAYER, MAP, METHODS_REGISTRY, Method, Needs, family, get_method, layer_method, map_method  # noqa: F401
 from . import gradient_cams, input_space  # noqa: F401
 
 METHODS = tuple(METHODS_REGISTRY)

@@ -71,6 +71,11 @@ def map_method(name: str, needs: Needs, signed: bool = False):
     return register
 
 
+def family(module: str) -> Tuple[str, ...]:
+    """The methods a family module registered (e.g. family("gradient_cams"))."""
+    return tuple(m.name for m in METHODS_REGISTRY.values() if m.fn.__module__.rsplit(".", 1)[-1] == module)
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS_REGISTRY:
         import difflib
