@@ -4,10 +4,10 @@
 // model input's resolution), and one JSON line on stdout. No onnxcam code runs here: the model
 // computes its own map.
 //
-//   node explain.mjs MODEL.cam.onnx IMAGE.png... [--class K | --class K1,K2,...] [--preset NAME]
+//   node explain.mjs MODEL.cam.onnx IMAGE.png... [--class=K | --class=K1,K2,...] [--preset NAME]
 //                    [--out DIR] [--alpha A]
 //
-// --class -1 (the default) explains each image's top class. All images go through the model as
+// --class=-1 (the default) explains each image's top class. All images go through the model as
 // one batch, so they must share a size or be resized (bilinear) to the model's input size.
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, extname, join } from "node:path";
@@ -120,16 +120,24 @@ function parseClasses(text, n) {
   return classes;
 }
 
+function parseCommandLine() {
+  try {
+    return parseArgs({
+      allowPositionals: true,
+      options: {
+        class: { type: "string", default: "-1" },
+        preset: { type: "string", default: "imagenet" },
+        out: { type: "string", default: "." },
+        alpha: { type: "string", default: "0.5" },
+      },
+    });
+  } catch (err) {
+    fail(`${err.message.split("\n")[0]} (a negative class is written --class=-1)`);
+  }
+}
+
 async function main() {
-  const { values: opts, positionals } = parseArgs({
-    allowPositionals: true,
-    options: {
-      class: { type: "string", default: "-1" },
-      preset: { type: "string", default: "imagenet" },
-      out: { type: "string", default: "." },
-      alpha: { type: "string", default: "0.5" },
-    },
-  });
+  const { values: opts, positionals } = parseCommandLine();
   const [modelPath, ...imagePaths] = positionals;
   if (!modelPath || imagePaths.length === 0) fail("usage: explain.mjs MODEL.cam.onnx IMAGE.png... [--class K]");
   const preset = PRESETS[opts.preset] ?? fail(`unknown preset ${opts.preset} (${Object.keys(PRESETS).join(", ")})`);
