@@ -2,8 +2,11 @@
 
 Each example runs as a user runs it (a subprocess: `node explain.mjs`, the CMake-built `explain`,
 the page driven in headless Chromium) on the real EfficientNet-Lite0, freshly exported and
-augmented here, with skimage's chelsea and coffee photos; its maps must equal the Explainer's
-within 1e-5 for the top class and for class 281, at batch 1 and 2.
+augmented here, with skimage's chelsea (a cat) and coffee photos; its maps must equal the
+Explainer's within 1e-5 for the top class and for class 281 (tabby cat), at batch 1 and 2, and for
+one class per image. (Class 281 on the coffee photo is not asked: a class with no evidence in the
+image has a map of tiny gradients, where float32 kernels of wasm and native builds already differ
+by 9e-6 after normalisation.)
 
 The tools (node/npm, cmake and a C++ compiler, Debian's chromium) are installed by .ci/run. A
 missing one fails the test under CI (CI set) and skips it with what to install elsewhere.
@@ -35,7 +38,8 @@ CASES = {  # name: (photos in the batch, --class)
     "top-class-batch1": (["chelsea"], "-1"),
     "class281-batch1": (["chelsea"], "281"),
     "top-class-batch2": (["chelsea", "coffee"], "-1"),
-    "class281-batch2": (["chelsea", "coffee"], "281"),
+    "class281-batch2": (["chelsea", "chelsea_mirrored"], "281"),
+    "per-image-classes-batch2": (["chelsea", "coffee"], "281,-1"),
 }
 
 
@@ -75,14 +79,15 @@ def demo(tmp_path_factory):
     onnx.save(onnxcam.augment(str(original)), augmented)
     photos = {}
     for name in ("chelsea", "coffee"):
-        photos[name] = folder / f"{name}.png"
         rgb = cv2.resize(getattr(skimage_data, name)(), (224, 224), interpolation=cv2.INTER_AREA)
-        cv2.imwrite(str(photos[name]), rgb[:, :, ::-1])
+        for variant, pixels in ((name, rgb), (f"{name}_mirrored", rgb[:, ::-1])):
+            photos[variant] = folder / f"{variant}.png"
+            cv2.imwrite(str(photos[variant]), np.ascontiguousarray(pixels[:, :, ::-1]))
     explainer = onnxcam.Explainer(str(original))
     expected = {}
     for case, (names, class_text) in CASES.items():
         batch, _ = Preprocessor(size=(224, 224), preset=PRESET).batch(read_image(photos[n]) for n in names)
-        result = explainer(batch, class_index=None if class_text == "-1" else int(class_text))
+        result = explainer(batch, class_index=[int(k) for k in class_text.split(",")])
         # A comparison must not pass on flat maps: the reference is a real, peaked map.
         assert result.cam.min() < 0.05 and result.cam.max() > 0.95 and result.cam.std() > 0.1
         expected[case] = result
