@@ -183,3 +183,30 @@ def test_web_example_on_webgpu_when_offered(web_example, demo, tmp_path):
         pytest.skip(f"WebGPU: {result['skipped']}")
     assert result["ep"] == "webgpu"
     assert_same("top-class-batch1", np.load(tmp_path / "maps.npy"), result["classIndex"], demo)
+
+
+def readme_snippets(language: str):
+    """The README's fenced `language` blocks in "Running the augmented model from plain ONNX
+    Runtime": (example file named on the first line, [chunks between `// ...` lines])."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Running the augmented model from plain ONNX Runtime", 1)[1].split("\n## ", 1)[0]
+    for block in section.split(f"```{language}\n")[1:]:
+        lines = block.split("```", 1)[0].splitlines()
+        assert lines[0].startswith("// examples/"), f"the README's {language} snippet must name its example file first"
+        chunks, chunk = [], []
+        for line in lines[1:] + ["// ..."]:
+            if line.strip() == "// ...":
+                chunks, chunk = chunks + ["\n".join(chunk)] * bool(chunk), []
+            else:
+                chunk.append(line)
+        yield EXAMPLES.parent / lines[0][3:].strip(), chunks
+
+
+@pytest.mark.parametrize("language", ["js", "cpp"])
+def test_readme_snippets_are_the_examples_code(language):
+    snippets = list(readme_snippets(language))
+    assert snippets, f"the README has no {language} snippet"
+    for path, chunks in snippets:
+        source = path.read_text(encoding="utf-8")
+        for chunk in chunks:
+            assert chunk in source, f"README {language} snippet drifted from {path.name}:\n{chunk}"
