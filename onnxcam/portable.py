@@ -5,11 +5,14 @@ The pattern: one constant weight read by both a Conv and a ConvTranspose. onnxca
 every convolution between the explained layer and the score, since the gradient of
 Y = Conv(X, W) with respect to X is ConvTranspose(dY, W) with the same W; ONNX Runtime and the
 ONNX reference evaluator compute it exactly. OpenVINO 2026.4's CPU plugin (reading the ONNX file
-directly, and so ONNX Runtime's OpenVINO execution provider) computes one of the two nodes with
-the other's prepared weight: a two-node Conv -> ConvTranspose model on one 4x4x3x3 weight is off
-by 86 % of its output's range, in either order, with an initializer or a Constant node, with an
-Identity between (it is folded away). With the ConvTranspose given its own copy of the weight
-it agrees to 2e-7. Two Convs or two ConvTransposes sharing a weight are computed correctly.
+directly; ONNX Runtime's OpenVINO execution provider is built on it) computes one of the two nodes with a
+wrong weight when the weight is square (as many output as input channels, group 1; any kernel
+size): a two-node Conv -> ConvTranspose model on one 4x4x3x3 weight is off by 86 % of its largest
+output, in either order, with an initializer or a Constant node, with an Identity between (it is
+folded away); Grad-CAM at layer3 of a ResNet-50 moves by 0.29. With its own copy of the weight the
+ConvTranspose agrees to 2e-7. Non-square and depthwise weights (EfficientNet's 1x1 and depthwise
+convolutions), two Convs or two ConvTransposes sharing a weight were computed correctly; since
+the cause is OpenVINO's, every shared weight is separated, not only the square ones.
 
 `separate_conv_weights` gives the ConvTranspose nodes one copy of each such weight. The cost is
 memory: one more copy of every convolution weight between the explained layer and the score
