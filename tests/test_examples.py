@@ -121,6 +121,14 @@ def test_node_example_matches_python(node_example, demo, case, tmp_path):
     assert_same(case, maps, [r["class_index"] for r in records], demo)
 
 
+def test_node_example_refuses_a_class_out_of_range(node_example, demo, tmp_path):
+    done = subprocess.run(["node", "explain.mjs", str(demo["augmented"]), str(demo["photos"]["chelsea"]),
+                           "--class=1000", "--out", str(tmp_path)], cwd=node_example, capture_output=True, text=True)
+    assert done.returncode == 2 and "out of range" in done.stderr and "0..999" in done.stderr, done.stderr
+    assert "at " not in done.stderr, "one line, no stack trace"
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def cpp_example(tmp_path_factory):
     require("cmake", "apt-get install cmake")
@@ -141,6 +149,15 @@ def test_cpp_example_matches_python(cpp_example, demo, case, tmp_path):
     done = run([cpp_example, demo["augmented"], tmp_path / "batch.npy", tmp_path / "maps.npy", "--class", class_text])
     classes = [json.loads(line)["class_index"] for line in done.stdout.splitlines()]
     assert_same(case, np.load(tmp_path / "maps.npy"), classes, demo)
+
+
+def test_cpp_example_refuses_a_class_out_of_range(cpp_example, demo, tmp_path):
+    batch, _ = Preprocessor(size=(224, 224), preset=PRESET).batch([read_image(demo["photos"]["chelsea"])])
+    np.save(tmp_path / "batch.npy", batch)
+    done = subprocess.run([str(cpp_example), str(demo["augmented"]), str(tmp_path / "batch.npy"), str(tmp_path / "maps.npy"),
+                           "--class", "1000"], capture_output=True, text=True)
+    assert done.returncode == 2 and "out of range" in done.stderr and "0..999" in done.stderr, done.stderr
+    assert not (tmp_path / "maps.npy").exists()
 
 
 def test_cpp_make_batch_is_onnxcams_preprocessing(demo, tmp_path):

@@ -58,6 +58,24 @@ std::vector<std::string> feedable_names(const Ort::Session& session) {
   return names;
 }
 
+// A class beyond the model's scores [N, K] is refused here, with the range, rather than by a
+// Gather deep inside the graph.
+void check_classes_in_range(const Ort::Session& session, const std::vector<int64_t>& classes) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  for (size_t i = 0; i < session.GetOutputCount(); ++i) {
+    const std::string name = session.GetOutputNameAllocated(i, allocator).get();
+    const std::vector<int64_t> shape = session.GetOutputTypeInfo(i).GetTensorTypeAndShapeInfo().GetShape();
+    if (is_onnxcam_name(name) || shape.size() != 2 || shape[1] <= 0) continue;
+    for (int64_t k : classes) {
+      if (k >= shape[1]) {
+        throw std::invalid_argument("--class " + std::to_string(k) + " is out of range: " + name + " has classes 0.." +
+                                    std::to_string(shape[1] - 1) + " (-1 = the top class)");
+      }
+    }
+    return;
+  }
+}
+
 int run(int argc, char** argv) {
   if (argc < 4) throw std::invalid_argument("usage: explain MODEL.cam.onnx BATCH.npy MAPS.npy [--class K[,K...]]");
   const std::string model_path = argv[1], batch_path = argv[2], maps_path = argv[3];
@@ -75,6 +93,7 @@ int run(int argc, char** argv) {
   Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "onnxcam-example");
   Ort::Session session(env, model_path.c_str(), Ort::SessionOptions{});
   Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  check_classes_in_range(session, classes);
 
   // The feeds: the image batch under the model's image input, and every onnxcam_* choice.
   std::vector<std::string> names;

@@ -159,6 +159,11 @@ async function main() {
     toChw(resizeBilinear(img.rgb, img.width, img.height, width, height, 3), width, height, preset, pixels, i * 3 * plane);
     return img;
   });
+  const scores = session.outputMetadata.find((m) => !m.name.startsWith("onnxcam_") && m.shape?.length === 2);
+  const numClasses = scores?.shape[1];
+  if (Number.isInteger(numClasses) && classes.some((k) => k >= numClasses)) {
+    fail(`--class ${opts.class}: out of range; ${scores.name} has classes 0..${numClasses - 1} (-1 = the top class)`);
+  }
   const feeds = { [image.name]: new ort.Tensor("float32", pixels, [n, 3, height, width]) };
   for (const name of session.inputNames.filter((name) => name.startsWith("onnxcam_"))) {
     if (name === CLASS_INPUT) feeds[name] = new ort.Tensor("int64", BigInt64Array.from(classes, BigInt), [n]);
@@ -172,7 +177,7 @@ async function main() {
   }
 
   const out = await session.run(feeds);
-  const cams = out.onnxcam_cam.data, explained = out.onnxcam_class_index.data, scores = out.onnxcam_score.data;
+  const cams = out.onnxcam_cam.data, explained = out.onnxcam_class_index.data, explainedScores = out.onnxcam_score.data;
   mkdirSync(opts.out, { recursive: true });
   images.forEach((img, i) => {
     const cam = cams.subarray(i * plane, (i + 1) * plane);
@@ -180,9 +185,9 @@ async function main() {
     const mapPath = join(opts.out, `${stem}.npy`), overlayPath = join(opts.out, `${stem}.png`);
     writeNpy(mapPath, cam, [height, width]);
     writeOverlay(overlayPath, img, cam, width, height, Number(opts.alpha));
-    console.log(JSON.stringify({ image: imagePaths[i], class_index: Number(explained[i]), score: scores[i],
+    console.log(JSON.stringify({ image: imagePaths[i], class_index: Number(explained[i]), score: explainedScores[i],
                                  map: mapPath, overlay: overlayPath }));
   });
 }
 
-await main();
+await main().catch((err) => fail(err.message));

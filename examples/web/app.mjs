@@ -118,6 +118,10 @@ export async function explain({ modelBytes, imageFiles, classText, presetName, e
     rgbas.push(await readPixels(imageFiles[i], width, height));
     toChw(rgbas[i], plane, preset, pixels, i * 3 * plane);
   }
+  const scores = session.outputMetadata.find((m) => !m.name.startsWith("onnxcam_") && m.shape?.length === 2);
+  if (Number.isInteger(scores?.shape[1]) && classes.some((k) => k >= scores.shape[1])) {
+    throw new Error(`class ${classText} is out of range: ${scores.name} has classes 0..${scores.shape[1] - 1}`);
+  }
   const feeds = feedsFor(session, image.name, pixels, [n, 3, height, width], classes);
   const started = performance.now();
   const out = await session.run(feeds);
