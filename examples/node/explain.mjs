@@ -142,10 +142,12 @@ async function main() {
   if (!modelPath || imagePaths.length === 0) fail("usage: explain.mjs MODEL.cam.onnx IMAGE.png... [--class K]");
   const preset = PRESETS[opts.preset] ?? fail(`unknown preset ${opts.preset} (${Object.keys(PRESETS).join(", ")})`);
   const classes = parseClasses(opts.class, imagePaths.length);
+  const alpha = Number(opts.alpha);
+  if (!(alpha >= 0 && alpha <= 1)) fail(`--alpha must be between 0 and 1, got ${opts.alpha}`);
 
   const session = await ort.InferenceSession.create(modelPath);
   if (!session.outputNames.includes("onnxcam_cam")) fail(`${modelPath} has no onnxcam_cam output: augment it with onnxcam first`);
-  const image = session.inputMetadata.find((m) => !m.name.startsWith("onnxcam_"));
+  const image = session.inputMetadata.find((m) => !m.name.startsWith("onnxcam_")) ?? fail(`${modelPath} has no image input`);
   const [, channels, height, width] = image.shape;
   if (channels !== 3 || !Number.isInteger(height) || !Number.isInteger(width)) {
     fail(`${modelPath}: this example feeds NCHW RGB images of a fixed size; the input ${image.name} is [${image.shape}]`);
@@ -184,7 +186,7 @@ async function main() {
     const stem = `${basename(imagePaths[i], extname(imagePaths[i]))}_${explained[i]}`;
     const mapPath = join(opts.out, `${stem}.npy`), overlayPath = join(opts.out, `${stem}.png`);
     writeNpy(mapPath, cam, [height, width]);
-    writeOverlay(overlayPath, img, cam, width, height, Number(opts.alpha));
+    writeOverlay(overlayPath, img, cam, width, height, alpha);
     console.log(JSON.stringify({ image: imagePaths[i], class_index: Number(explained[i]), score: explainedScores[i],
                                  map: mapPath, overlay: overlayPath }));
   });
