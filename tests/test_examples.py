@@ -100,6 +100,7 @@ def assert_same(case, maps, classes, demo):
     np.testing.assert_array_equal(np.asarray(classes), expected.class_index)
     assert maps.shape == expected.cam.shape
     difference = float(np.max(np.abs(maps - expected.cam)))
+    print(f"{case}: max map difference from Python {difference:.3g}")  # shown with pytest -rP
     assert difference <= MAP_TOLERANCE, f"{case}: map differs from Python's by {difference:.3g}"
 
 
