@@ -1,6 +1,6 @@
 """onnxcam: Grad-CAM and its relatives computed inside ONNX graphs by ONNX Runtime itself."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .errors import OnnxcamError  # noqa: E402,F401
 

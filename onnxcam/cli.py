@@ -14,11 +14,11 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import OnnxcamError, UsageError
 
 TARGET_NAMES = ("class", "detection", "segmentation", "embedding", "sequence")
-METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")
+METHOD_HELP = "Method name, or several comma-separated (one model computes them all); see `onnxcam methods`."
 PRESET_NAMES = ("imagenet", "unit", "symmetric", "caffe", "raw")
 
 
@@ -119,12 +119,13 @@ def main(debug):
 def layers(model, output, keep_probabilities):
     """List the layers a CAM can target; the automatic choice is marked with *."""
     from .cam.layers import layers as find_layers
+    from .io.pipeline import table
 
     found = find_layers(model, output=output, keep_probabilities=keep_probabilities)
     if not found:
         raise UsageError(f"{model}: no 4-D activation feeds the score; nothing to explain with a CAM")
     rows = [("*" if info.auto else "", info.name, info.op, _shape(info.shape)) for info in found]
-    click.echo(_table(rows, ("", "tensor", "op", "shape")))
+    click.echo(table(rows, ("", "tensor", "op", "shape")))
     click.echo(f"\n{len(found)} candidate layer(s); * = the one --layer auto picks")
 
 
@@ -132,14 +133,6 @@ def _shape(shape) -> str:
     if shape is None:
         return "?"
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _table(rows, headers) -> str:
-    cells = [tuple(str(c) for c in headers)] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- augment
@@ -151,7 +144,7 @@ def _table(rows, headers) -> str:
 @click.option("--layer", "layer", multiple=True, metavar="NAME",
               help="Target tensor; repeat for several layers (their maps are fused). Default: auto.")
 @click.option("--method", default="gradcam", show_default=True, metavar="METHOD",
-              help="One of: " + ", ".join(METHOD_NAMES) + ".")
+              help=METHOD_HELP)
 @click.option("--output", "output", metavar="NAME", help="The model output to explain.")
 @click.option("--vjp", is_flag=True, help="Expose the raw activation and gradient instead of a CAM.")
 @score_options
@@ -161,13 +154,12 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
     from .errors import OutputError
     from .modelio import _same_file, input_files, load_model, save_model
 
+    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=vjp)
     refuse = input_files(model) if out.exists() else []
     if any(_same_file(out, other) for other in refuse):
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
     proto = load_model(model)
-    augmented = do_augment(proto, layer=list(layer) or "auto", method=method, output=output, vjp=vjp,
-                           keep_probabilities=keep_probabilities, counterfactual=counterfactual, name=str(model),
-                           target=target, target_options=parse_options(target_options))
+    augmented = do_augment(proto, spec=spec, name=str(model))
     save_model(augmented, out, refuse=refuse)
     meta = {p.key: p.value for p in augmented.metadata_props}
     click.echo(f"wrote {out} (method {meta.get('onnxcam.method', method)}, "
@@ -184,7 +176,7 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
 @click.option("--class", "class_index", type=int, metavar="K", help="Explain class K (default: the top class).")
 @click.option("--top-k", "top_k", type=int, metavar="K", help="Explain each of the K top classes (one overlay each).")
 @click.option("--method", default="gradcam", show_default=True, metavar="METHOD",
-              help="One of: " + ", ".join(METHOD_NAMES) + ".")
+              help=METHOD_HELP)
 @click.option("--layer", "layer", multiple=True, metavar="NAME", help="Target tensor (repeatable). Default: auto.")
 @click.option("--output", "output", metavar="NAME", help="The model output to explain.")
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
@@ -206,13 +198,21 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
 @click.option("--input", "extra_inputs", multiple=True, metavar="NAME=FILE.npy",
               help="Feed a run-time input from a .npy file (onnxcam_mask, onnxcam_reference, onnxcam_box, "
                    "a model's second input...); repeatable.")
+@click.option("--engine", type=click.Choice(("local", "ray")), default="local", show_default=True,
+              help="local: this process; ray: Ray Data actors (pip install \"onnxcam[ray]\"), one Explainer each.")
+@click.option("--ray-address", metavar="ADDR", default=None,
+              help="Ray cluster to join (auto, ray://host:10001); default: a local Ray instance.")
+@click.option("--actors", default=1, show_default=True, type=int, metavar="K", help="Ray actors (Explainers) at once.")
+@click.option("--gpus-per-actor", default=0.0, show_default=True, type=float, metavar="G",
+              help="GPUs per Ray actor (CUDA through ONNX Runtime).")
 def explain(model, images, out_dir, class_index, top_k, method, layer, output, preset, size, resize, bgr,
             labels_path, batch_size, provider, alpha, colormap, max_pixels, keep_probabilities, counterfactual,
-            target, target_options, extra_inputs):
+            target, target_options, extra_inputs, engine, ray_address, actors, gpus_per_actor):
     """Explain photos with MODEL: an overlay PNG and a .npy map per image and class, and summary.jsonl."""
     from .io.files import ensure_output_dir
     from .io.images import DEFAULT_MAX_PIXELS, list_images
-    from .io.pipeline import Source
+    from .io.pipeline import Source, explain_sources, records_table
+    from .runtime import Explainer
 
     if class_index is not None and top_k is not None:
         raise UsageError("give either --class or --top-k, not both")
@@ -220,16 +220,33 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     if class_index is not None and class_index < 0:
         raise UsageError(f"--class must be a class index >= 0, got {class_index}")
-    found = list_images(images)
+    parquet = len(images) == 1 and str(images[0]).endswith(".parquet")
+    if parquet and engine != "ray":
+        raise UsageError("a Parquet table of images is read by the Ray engine: add --engine ray")
+    found = list_images([] if parquet else images)
     if found.skipped:
         _warn(f"skipped {len(found.skipped)} file(s) that are not images (e.g. {found.skipped[0]})")
-    if not found.images:
+    if not found.images and not parquet:
         raise UsageError(f"no images found in {', '.join(map(str, images))}")
     if max_pixels is not None and max_pixels < 1:
         raise UsageError(f"--max-pixels must be at least 1, got {max_pixels}")
     inputs = load_inputs(extra_inputs)
-    explainer = make_explainer(model, layer, method, output, provider, keep_probabilities, counterfactual,
-                               target, parse_options(target_options))
+    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options)
+    if engine == "ray":
+        from . import ray as on_ray
+
+        records = on_ray.explain(model, images[0] if len(images) == 1 else list(images), out_dir, spec=spec,
+                                 actors=actors, gpus_per_actor=gpus_per_actor, address=ray_address,
+                                 providers=[provider] if provider else None, batch_size=batch_size, preset=preset,
+                                 size=size, resize=resize, bgr=bgr, labels_path=labels_path, class_index=class_index,
+                                 top_k=top_k, alpha=alpha, colormap=colormap,
+                                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, inputs=inputs,
+                                 on_warning=_warn)
+        click.echo(records_table(records))
+        click.echo(f"\nwrote {len(records)} overlay(s) and map(s), {Path(out_dir) / 'summary.jsonl'} and "
+                   f"{Path(out_dir) / 'summary.parquet'} (Ray, {actors} actor(s))")
+        return
+    explainer = Explainer(model, spec=spec, providers=[provider] if provider else None)
     n_classes = getattr(explainer, "n_classes", None)
     if class_index is not None and n_classes and class_index >= n_classes:
         raise UsageError(f"class index {class_index} is out of range: {model} has {n_classes} classes; use 0..{n_classes - 1}")
@@ -240,7 +257,7 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
                                   size=size, resize=resize, bgr=bgr, labels_path=labels_path, class_index=class_index,
                                   top_k=top_k, batch_size=batch_size, alpha=alpha, colormap=colormap,
                                   max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                                  inputs=inputs)
+                                  inputs=inputs, on_warning=_warn, progress=progress_bar)
     except BaseException:
         if created:
             _remove_if_empty(out_dir)  # a failed run leaves no empty folder behind
@@ -254,6 +271,34 @@ def _remove_if_empty(folder) -> None:
         Path(folder).rmdir()
     except OSError:
         pass
+
+
+def make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=False):
+    """The ExplainSpec the options describe (shared by augment and explain)."""
+    from .spec import ExplainSpec
+
+    return ExplainSpec(methods=method, layers=tuple(layer) or "auto", output=output,
+                       keep_probabilities=keep_probabilities, counterfactual=counterfactual, target=target,
+                       target_options=parse_options(target_options), vjp=vjp)
+
+
+def progress_bar(total: int):
+    """A progress bar on stderr when it is a terminal, else a silent stand-in."""
+    if _stderr_is_tty():
+        return click.progressbar(length=total, label="explaining", file=sys.stderr)
+    import contextlib
+
+    class _Silent:
+        def update(self, n):
+            pass
+    return contextlib.nullcontext(_Silent())
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def parse_options(pairs) -> dict:
@@ -297,73 +342,22 @@ def load_inputs(pairs) -> dict:
     return inputs
 
 
-def make_explainer(model, layer, method, output, provider, keep_probabilities, counterfactual, target="class",
-                   target_options=None):
-    from .runtime import Explainer
+# --------------------------------------------------------------------------------------- methods
 
-    return Explainer(model, layer=list(layer) or "auto", method=method, output=output,
-                     providers=[provider] if provider else None, keep_probabilities=keep_probabilities,
-                     counterfactual=counterfactual, target=target, target_options=target_options)
+@main.command()
+def methods():
+    """List the explanation methods, with what each needs."""
+    from .cam.methods import METHODS_REGISTRY
+    from .io.pipeline import table
 
-
-def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resize="direct", bgr=None, labels_path=None,
-         class_index=None, top_k=None, batch_size=8, alpha=0.5, colormap="jet", max_pixels=None, quiet=False,
-         inputs=None):
-    """Preprocess, explain and write; returns the summary records. Shared by `explain` and `demo`."""
-    from .errors import ImageError
-    from .io.labels import labels_for_model
-    from .io.pipeline import ExplainRun, write_summary
-    from .io.preprocess import Preprocessor, input_size
-
-    preset = preset or _model_preset(explainer) or "imagenet"
-    shape = input_size(explainer.input_shape, explainer.layout, size)
-    pre = Preprocessor(size=shape, preset=preset, resize=resize, bgr=bgr or None, layout=explainer.layout,
-                       channels=explainer.channels)
-    labels = labels_for_model(labels_path, getattr(explainer, "n_classes", None), on_warning=_warn)
-    many = len(sources) > 1
-    run = ExplainRun(explainer, pre, out_dir, labels=labels, class_index=class_index, top_k=top_k,
-                     batch_size=batch_size, alpha=alpha, colormap=colormap, max_pixels=max_pixels, inputs=inputs,
-                     on_warning=_warn if many else (lambda message: None))
-    if many and not quiet and _stderr_is_tty():
-        with click.progressbar(length=len(sources), label="explaining", file=sys.stderr) as bar:
-            result = run.run(sources, progress=bar.update)
-    else:
-        result = run.run(sources)
-    if result.records:
-        write_summary(out_dir, result.records)
-    if result.failures:
-        if not many:
-            raise result.failures[0]
-        raise ImageError(f"{len(result.failures)} of {len(sources)} images could not be read (see the warnings "
-                         f"above); explained the other {len(sources) - len(result.failures)}")
-    return result.records
-
-
-def _model_preset(explainer):
-    """The preset a model names in its metadata (key onnxcam.preset), if any."""
-    from .io.preprocess import PRESET_METADATA_KEY, PRESETS
-
-    value = getattr(explainer, "metadata", {}).get(PRESET_METADATA_KEY)
-    return value if value in PRESETS else None
-
-
-def _stderr_is_tty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def records_table(records, files: bool = True) -> str:
     rows = []
-    for r in records:
-        score = f"{r.score:.3f}" + (f" (p={r.probability:.2f})" if r.probability is not None else "")
-        row = [r.image, r.class_index, r.label, score]
-        if files:
-            row.append(f"{r.overlay}, {Path(r.npy).name}")
-        rows.append(row)
-    headers = ["image", "class", "label", "score"] + (["files"] if files else [])
-    return _table(rows, headers)
+    for m in METHODS_REGISTRY.values():
+        needs = m.needs
+        parts = [p for p, on in (("A", needs.activation), ("G", needs.gradient),
+                                 (f"dS/dx ({needs.rule_mode})", needs.input_gradient)) if on]
+        parts += [f"uses {u}" for u in needs.uses]
+        rows.append((m.name, m.kind, ", ".join(parts), m.doc[:90]))
+    click.echo(table(rows, ("method", "kind", "needs", "what")))
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -371,7 +365,7 @@ def records_table(records, files: bool = True) -> str:
 @main.command()
 @click.option("-o", "--out-dir", "out_dir", default="onnxcam-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--method", default="gradcam", show_default=True, metavar="METHOD",
-              help="One of: " + ", ".join(METHOD_NAMES) + ".")
+              help=METHOD_HELP)
 @click.option("--provider", metavar="P", help="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where the exported EfficientNet-Lite0 lives (default: ~/.cache/onnxcam/).")

@@ -27,9 +27,9 @@ def demo_photos():
 
 def run_demo(out_dir="onnxcam-demo", method="gradcam", provider=None, model_path=None):
     from . import demo_export
-    from .cli import explain_sources, make_explainer, records_table
     from .io.files import ensure_output_dir
-    from .io.pipeline import Source
+    from .io.pipeline import Source, explain_sources, records_table
+    from .runtime import Explainer
 
     out_dir = Path(out_dir)
     ensure_output_dir(out_dir)
@@ -38,9 +38,10 @@ def run_demo(out_dir="onnxcam-demo", method="gradcam", provider=None, model_path
         click.echo(f"exporting EfficientNet-Lite0 to {target} (first run only)...", err=True)
     model = demo_export.ensure_model(target)
     photos = demo_photos()
-    explainer = make_explainer(model, (), method, None, provider, False, False)
+    explainer = Explainer(model, method=method, providers=[provider] if provider else None)
     sources = [Source(f"skimage.data.{name}()", name, image) for name, image in photos]
-    records = explain_sources(explainer, sources, out_dir, preset=demo_export.PRESET, quiet=True)
+    records = explain_sources(explainer, sources, out_dir, preset=demo_export.PRESET,
+                              on_warning=lambda m: click.echo(f"onnxcam: warning: {m}", err=True))
     click.echo(f"model: {model}  method: {method}  layer: {','.join(explainer.layers)}  "
                f"providers: {','.join(explainer.providers)}\n")
     click.echo(records_table(records))

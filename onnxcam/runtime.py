@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -10,32 +11,48 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from .cam.augment import CAM_OUTPUT, CLASS_INPUT, CLASS_OUTPUT, LAYER_CAMS_OUTPUT, SCORE_OUTPUT, augment
+from .cam.augment import (CAM_OUTPUT, CLASS_INPUT, CLASS_OUTPUT, LAYER_CAMS_OUTPUT, SCORE_OUTPUT, augment,
+                          method_output)
 from .cam.inputs import image_input
+from .cam.targets import INPUT_METADATA_PREFIX
 from .errors import InputError, ModelLoadError, NonFiniteError, OnnxcamError, UnsupportedModelError
 from .modelio import load_model, weight_bytes
 from .providers import choose_providers
+from .spec import ExplainSpec
 
 
 @dataclass
 class ExplainResult:
-    cam: np.ndarray  # float32 [N, H, W] in [0, 1]
+    cam: np.ndarray  # float32 [N, H, W]: the first method's map
     class_index: np.ndarray  # int64 [N]
     score: np.ndarray  # float32 [N]
     outputs: Dict[str, np.ndarray] = field(default_factory=dict)  # the model's own outputs
     layer_cams: Optional[np.ndarray] = None  # [N, L, H, W] when several layers
     extras: Dict[str, np.ndarray] = field(default_factory=dict)  # target outputs (onnxcam_box_index...)
+    cams: Dict[str, np.ndarray] = field(default_factory=dict)  # method -> its map [N, H, W]
+    method_layer_cams: Dict[str, np.ndarray] = field(default_factory=dict)  # method -> [N, L, H, W]
 
 
 class Explainer:
-    """Explain batches with one augmented model and one session (thread-safe: ORT's run is)."""
+    """Explain batches with one augmented model and one session (thread-safe: ORT's run is).
 
-    def __init__(self, model, layer="auto", method: str = "gradcam", output: Optional[str] = None,
-                 providers: Optional[Sequence[str]] = None, keep_probabilities: bool = False,
-                 counterfactual: bool = False, threads: Optional[int] = None, target: str = "class",
-                 target_options: Optional[dict] = None):
+    What to explain is an ExplainSpec (`spec`) or the same keyword arguments as `augment`
+    (method may name several methods: one model, one run, one map each)."""
+
+    def __init__(self, model, layer=None, method=None, output: Optional[str] = None,
+                 providers: Optional[Sequence[str]] = None, keep_probabilities: Optional[bool] = None,
+                 counterfactual: Optional[bool] = None, threads: Optional[int] = None, target: Optional[str] = None,
+                 target_options: Optional[dict] = None, token_grid=None, activation_layout_hint: Optional[str] = None,
+                 method_options: Optional[dict] = None, spec: Optional[ExplainSpec] = None):
         import onnxruntime as ort
 
+        spec = ExplainSpec.build(spec, methods=method, layers=layer, output=output,
+                                 keep_probabilities=keep_probabilities, counterfactual=counterfactual, target=target,
+                                 target_options=target_options, token_grid=token_grid,
+                                 layout=activation_layout_hint, method_options=method_options)
+        if spec.vjp:
+            raise InputError("the Explainer computes maps; build a vjp-mode model with onnxcam.augment(..., vjp=True)")
+        self.spec = spec
         original = load_model(model)
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         self.label = label or "model"
@@ -45,16 +62,21 @@ class Explainer:
         self._np_dtype = onnx.helper.tensor_dtype_to_np_dtype(image.dtype)
         self.original_outputs = [o.name for o in original.graph.output]
         # A model loaded here is ours to edit: no copy of its weights.
-        augmented = augment(original, layer=layer, method=method, output=output, name=self.label,
-                            keep_probabilities=keep_probabilities, counterfactual=counterfactual,
-                            target=target, target_options=target_options,
-                            inplace=not isinstance(model, onnx.ModelProto))
+        augmented = augment(original, spec=spec, name=self.label, inplace=not isinstance(model, onnx.ModelProto))
         del original
         self.metadata = {p.key: p.value for p in augmented.metadata_props}
-        self.method = method
-        self.layers: List[str] = self.metadata["onnxcam.layers"].split(",")
+        self.methods: List[str] = list(spec.methods)
+        self.method = ",".join(self.methods)
+        self.layers: List[str] = [l for l in self.metadata["onnxcam.layers"].split(",") if l]
         self.output_name: str = self.metadata["onnxcam.output"]
-        standard = set(self.original_outputs) | {CAM_OUTPUT, CLASS_OUTPUT, SCORE_OUTPUT, LAYER_CAMS_OUTPUT}
+        self.choices = {key[len(INPUT_METADATA_PREFIX):]: json.loads(value) for key, value in self.metadata.items()
+                        if key.startswith(INPUT_METADATA_PREFIX)}
+        self._method_outputs = {m: method_output(CAM_OUTPUT, m) for m in self.methods} if len(self.methods) > 1 else {}
+        self._method_layer_outputs = {m: method_output(LAYER_CAMS_OUTPUT, m) for m in self.methods}
+        declared = {o.name for o in augmented.graph.output}
+        standard = (set(self.original_outputs) | {CAM_OUTPUT, CLASS_OUTPUT, SCORE_OUTPUT, LAYER_CAMS_OUTPUT}
+                    | set(self._method_outputs.values()) | set(self._method_layer_outputs.values()))
+        self._method_layer_outputs = {m: n for m, n in self._method_layer_outputs.items() if n in declared}
         self.extra_outputs = [o.name for o in augmented.graph.output if o.name not in standard]
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -86,29 +108,48 @@ class Explainer:
                      for i in range(0, n, batch_size)]
             return _concat(parts)
         feeds = {self.input_name: x}
-        feeds.update(self._extra_feeds(inputs))
+        feeds.update(self._extra_feeds(inputs, n))
         if classes is not None:
             feeds[CLASS_INPUT] = classes
-        names = self.original_outputs + [CAM_OUTPUT, CLASS_OUTPUT, SCORE_OUTPUT] + self.extra_outputs
+        feeds.update(self._automatic_choices(feeds, n))
+        names = (self.original_outputs + [CAM_OUTPUT, CLASS_OUTPUT, SCORE_OUTPUT] + self.extra_outputs
+                 + list(self._method_outputs.values()) + list(self._method_layer_outputs.values()))
         has_layers = any(o.name == LAYER_CAMS_OUTPUT for o in self.session.get_outputs())
         if has_layers:
             names.append(LAYER_CAMS_OUTPUT)
+        names = list(dict.fromkeys(names))
         try:
             values = dict(zip(names, self.session.run(names, feeds)))
         except Exception as exc:
             raise InputError(f"ONNX Runtime rejected the input: {str(exc).splitlines()[0]}") from None
-        cam = values[CAM_OUTPUT]
-        if not np.all(np.isfinite(cam)):
-            raise self._non_finite(values)
-        return ExplainResult(cam=cam, class_index=values[CLASS_OUTPUT], score=values[SCORE_OUTPUT],
+        cams = {m: values[o] for m, o in self._method_outputs.items()} or {self.methods[0]: values[CAM_OUTPUT]}
+        for cam in [values[CAM_OUTPUT]] + list(cams.values()):
+            if not np.all(np.isfinite(cam)):
+                raise self._non_finite(values, cam)
+        return ExplainResult(cam=values[CAM_OUTPUT], class_index=values[CLASS_OUTPUT], score=values[SCORE_OUTPUT],
                              outputs={k: values[k] for k in self.original_outputs},
                              layer_cams=values.get(LAYER_CAMS_OUTPUT),
-                             extras={k: values[k] for k in self.extra_outputs})
+                             extras={k: values[k] for k in self.extra_outputs}, cams=cams,
+                             method_layer_cams={m: values[o] for m, o in self._method_layer_outputs.items()})
 
-    def _non_finite(self, values) -> NonFiniteError:
+    def _automatic_choices(self, feeds, n: int) -> Dict[str, np.ndarray]:
+        """The automatic value of every run-time choice input the caller left out (the model's
+        metadata records them; an input with none, like onnxcam_reference, must be given)."""
+        filled = {}
+        for name in (i.name for i in self.session.get_inputs()):
+            if name in feeds or name == self.input_name:
+                continue
+            choice = self.choices.get(name)
+            if choice is None:
+                raise InputError(f"the explained model needs input {name!r}; pass it with inputs={{{name!r}: ...}} "
+                                 "(CLI: --input NAME=FILE.npy)")
+            shape = [n if d == "batch" else int(d) for d in choice["shape"]]
+            filled[name] = np.full(shape, choice["fill"], dtype=np.dtype(choice["dtype"]))
+        return filled
+
+    def _non_finite(self, values, cam) -> NonFiniteError:
         """Why the map is not finite (the input was checked finite): the model's own output, its
         score, or only the gradients."""
-        cam = values[CAM_OUTPUT]
         images = [int(i) for i in np.nonzero(~np.isfinite(cam.reshape(cam.shape[0], -1)).all(axis=1))[0]]
         where = f"image(s) {', '.join(map(str, images[:8]))} of the batch"
         for name in [self.output_name] + self.original_outputs:
@@ -124,17 +165,24 @@ class Explainer:
         return NonFiniteError(f"{self.label}: the gradients overflow to NaN/Inf for {where} although the model's "
                               f"outputs are finite; try another layer (onnxcam layers MODEL) or method")
 
-    def _extra_feeds(self, inputs) -> Dict[str, np.ndarray]:
-        """Cast extra feeds to the types the augmented model declares; unknown names are errors."""
+    def _extra_feeds(self, inputs, n: int) -> Dict[str, np.ndarray]:
+        """Cast extra feeds to the types the augmented model declares; unknown names are errors.
+        A per-image choice given once ([1] or a scalar) applies to every image of the batch."""
         session = self.session
         declared = {i.name: i for i in list(session.get_inputs()) + list(session.get_overridable_initializers())}
         feeds = {}
         for name, value in (inputs or {}).items():
+            if name == self.input_name:
+                raise InputError(f"inputs= names the image input {name!r}: the images are the batch itself "
+                                 "(CLI: the IMAGE arguments), not an extra input")
             if name not in declared:
                 raise InputError(f"the explained model has no input {name!r}; inputs are {', '.join(declared)}")
             ort_type = declared[name].type  # "tensor(float16)"...
             dtype = np.dtype(_ORT_TYPES.get(ort_type[7:-1], ort_type[7:-1]))
-            feeds[name] = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+            value = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+            if self.choices.get(name, {}).get("shape") == ["batch"] and value.size == 1:
+                value = np.full(n, value.reshape(-1)[0], dtype=dtype)
+            feeds[name] = value
         return feeds
 
     def _check_input(self, x) -> np.ndarray:
@@ -324,7 +372,10 @@ _ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
 
 def _concat(parts: List[ExplainResult]) -> ExplainResult:
     layer_cams = None if parts[0].layer_cams is None else np.concatenate([p.layer_cams for p in parts])
-    return ExplainResult(cam=np.concatenate([p.cam for p in parts]),
+    return ExplainResult(cams={k: np.concatenate([p.cams[k] for p in parts]) for k in parts[0].cams},
+                         method_layer_cams={k: np.concatenate([p.method_layer_cams[k] for p in parts])
+                                            for k in parts[0].method_layer_cams},
+                         cam=np.concatenate([p.cam for p in parts]),
                          class_index=np.concatenate([p.class_index for p in parts]),
                          score=np.concatenate([p.score for p in parts]),
                          outputs={k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs},

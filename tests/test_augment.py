@@ -106,19 +106,24 @@ def test_original_outputs_bit_identical_and_contract(resnet, tmp_path):
     assert names[:len(original.graph.output)] == [o.name for o in original.graph.output]
     assert {CAM_OUTPUT, CLASS_OUTPUT, SCORE_OUTPUT} <= set(names)
     x = images(3, seed=9)
+    automatic = {"input": x, CLASS_INPUT: np.full(3, -1, np.int64)}
     plain = session(original).run(None, {"input": x})[0]
-    aug = session(augmented).run(None, {"input": x})
+    aug = session(augmented).run(None, automatic)
     assert np.array_equal(plain, aug[0])  # bit-identical with optimizations disabled
-    optimized = session(augmented, optimize=True).run(["output"], {"input": x})[0]
+    optimized = session(augmented, optimize=True).run(["output"], automatic)[0]
     np.testing.assert_allclose(optimized, plain, rtol=1e-5, atol=1e-6)
-    # onnxcam_class omitted == -1 == the top class given explicitly
+    # The class is a real graph input (no initializer behind it: every binding lists it);
+    # -1 == the top class given explicitly == one -1 for the whole batch
+    assert CLASS_INPUT in [i.name for i in augmented.graph.input]
+    assert CLASS_INPUT not in {i.name for i in augmented.graph.initializer}
     sess = session(augmented)
-    omitted = sess.run([CAM_OUTPUT, CLASS_OUTPUT], {"input": x})
-    minus_one = sess.run([CAM_OUTPUT, CLASS_OUTPUT], {"input": x, CLASS_INPUT: np.full(3, -1, np.int64)})
-    given = sess.run([CAM_OUTPUT, CLASS_OUTPUT], {"input": x, CLASS_INPUT: omitted[1]})
-    for a, b in ((omitted, minus_one), (omitted, given)):
+    minus_one = sess.run([CAM_OUTPUT, CLASS_OUTPUT], automatic)
+    given = sess.run([CAM_OUTPUT, CLASS_OUTPUT], {"input": x, CLASS_INPUT: minus_one[1]})
+    once = sess.run([CAM_OUTPUT, CLASS_OUTPUT], {"input": x, CLASS_INPUT: np.array([-1], np.int64)})
+    for a, b in ((minus_one, given), (minus_one, once)):
         np.testing.assert_array_equal(a[1], b[1])
         np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(minus_one[1], plain.argmax(1))
 
 
 def test_batch_maps_equal_per_image_maps(mobilenet):
@@ -142,7 +147,8 @@ def test_augmented_model_runs_in_a_fresh_process_without_onnxcam(resnet, tmp_pat
     script = textwrap.dedent(f"""
         import sys, numpy as np, onnxruntime as ort
         s = ort.InferenceSession({str(out)!r}, providers=["CPUExecutionProvider"])
-        cam = s.run(["onnxcam_cam"], {{"input": np.load({str(tmp_path / 'x.npy')!r})}})[0]
+        x = np.load({str(tmp_path / 'x.npy')!r})
+        cam = s.run(["onnxcam_cam"], {{"input": x, "onnxcam_class": np.full(len(x), -1, np.int64)}})[0]
         np.save({str(tmp_path / 'cam.npy')!r}, cam)
         assert "onnxcam" not in sys.modules
     """)

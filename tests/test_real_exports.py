@@ -410,7 +410,7 @@ def test_nhwc_map_with_nchw_activations_hinted_matches_reference():
     """The activations after the input Transpose are NCHW: told so, the map is pytorch-grad-cam's."""
     model, x, reference, _ = nhwc_case()
     augmented = onnxcam.augment(model, activation_layout_hint="NCHW")
-    cam = session(augmented).run(["onnxcam_cam"], {"image": x})[0]
+    cam = session(augmented).run(["onnxcam_cam"], {"image": x, "onnxcam_class": np.full(len(x), -1, np.int64)})[0]
     np.testing.assert_allclose(cam, reference, atol=1e-3)
 
 

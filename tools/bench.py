@@ -129,12 +129,22 @@ def machine():
     return info
 
 
+def _feeds(session, x):
+    """The image, and the automatic value (-1: the top class) for an augmented model's class input."""
+    import numpy as np
+
+    feeds = {session.get_inputs()[0].name: x}
+    if any(i.name == "onnxcam_class" for i in session.get_inputs()):
+        feeds["onnxcam_class"] = np.full(x.shape[0], -1, np.int64)
+    return feeds
+
+
 # ====================================================================== children (fresh processes)
 def child_main(spec):
     """Run one configuration in this fresh process and print a JSON line: times (torch) and peak RSS."""
     if spec["kind"] == "ort":
         session = _session(spec["model"], spec["threads"], spec["providers"])
-        feeds = {session.get_inputs()[0].name: _images(spec["batch"])}
+        feeds = _feeds(session, _images(spec["batch"]))
         times = []
         for i in range(spec["warmup"] + spec["runs"]):
             start = time.perf_counter()
@@ -309,7 +319,7 @@ def bench(args):
             log(f"[{name}] batch {batch}: timing {len(configs)} ORT sessions round-robin, {runs} runs")
             for r in range(warmup + runs):
                 for i, (_, _, _, session, _) in enumerate(configs):
-                    feeds = {"input": x}
+                    feeds = _feeds(session, x)
                     c0, t0 = time.process_time(), time.perf_counter()
                     session.run(None, feeds)
                     t1, c1 = time.perf_counter(), time.process_time()

@@ -4,6 +4,7 @@
 d(sum(seed * score_tensor))/d(target) for each target tensor.
 """
 
+from . import rules  # noqa: F401  (importing the rules registers them: the registry itself imports none)
 from .gradients import SEED_INPUT, GradientGraph, add_gradients, default_opset
 from .registry import registered_ops
 

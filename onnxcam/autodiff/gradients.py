@@ -16,9 +16,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import NotDifferentiableError, UnsupportedModelError, LayerNotFoundError
+from .analysis import GraphAnalysis, known_tensors
 from .emitter import Emitter
-from .registry import ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
-from .shapes import TensorInfo, infer_infos, make_value_info, probe_infos
+from .registry import STANDARD, ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
+from .shapes import TensorInfo, infer_infos, make_value_info
 
 SEED_INPUT = "onnxcam_seed"
 MIN_OPSET, MAX_OPSET = 11, 21
@@ -51,25 +52,29 @@ def check_opset(opset: int, where: str = "model") -> None:
 
 def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: str,
                   seed: Optional[str] = None, emitter: Optional[Emitter] = None,
-                  infos: Optional[Dict[str, TensorInfo]] = None, score_name: Optional[str] = None) -> GradientGraph:
+                  infos: Optional[Dict[str, TensorInfo]] = None, score_name: Optional[str] = None,
+                  analysis: Optional[GraphAnalysis] = None, mode: str = STANDARD) -> GradientGraph:
     """Edit `model` in place so that it also computes d(sum(seed * score_tensor))/d(target).
 
     `emitter` lets a caller emit nodes before (the seed) and after (the CAM) in one naming scope;
     `infos` overrides shape knowledge; `score_name` is how messages call the score (when the seed
-    is given for an earlier tensor that stands for it)."""
+    is given for an earlier tensor that stands for it). `analysis` is the caller's analysis of the
+    original graph (built here otherwise); only its nodes are differentiated, so several calls on
+    one model (one per rule `mode`, say) never walk each other's backward nodes. `mode` selects
+    alternative rules where the registry has them (guided backprop's ReLU...)."""
     graph = model.graph
     opset = default_opset(model)
     check_opset(opset)
-    nodes = _topological(graph)
-    producers = {out: node for node in nodes for out in node.output if out}
-    known = _known_tensors(graph, nodes)
+    analysis = analysis or GraphAnalysis(model, infos if infos is not None else
+                                         (emitter.infos if emitter is not None else None))
+    nodes, producers, known = analysis.nodes, analysis.producers, analysis.known
     for name in list(targets) + [score_tensor]:
         if name not in known:
             raise LayerNotFoundError(f"tensor {name!r} is not in the graph{_suggest(name, known)}")
 
-    emit = emitter or new_emitter(model, infos)
+    emit = emitter or new_emitter(model, analysis.infos)
     infos = emit.infos
-    constants = _constant_values(graph, nodes)
+    constants = analysis.constants
     active = _forward_active(nodes, targets, infos)
     feeding = _feeds(score_tensor, producers)
     if score_tensor not in active:
@@ -87,7 +92,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
                     if t and (infos.get(t) is None or infos[t].shape is None) and t not in constants}
     if unknown_rank:
         try:
-            infos.update(probe_infos(model, sorted(unknown_rank)))
+            infos.update(analysis.probe(sorted(unknown_rank), required=True))
         except Exception as exc:  # onnxruntime refused to run the model to tell the shapes
             first = " ".join(str(exc).split())[:300]
             raise UnsupportedModelError(f"cannot learn the shapes of {len(unknown_rank)} tensor(s) on the path by "
@@ -112,7 +117,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
                 totals[o] = g
         if all(g is None for g in grads_out):
             continue
-        rule = get_rule(view.op)
+        rule = get_rule(view.op, mode)
         try:
             result = rule.fn(ctx, view, grads_out)
         except (NotImplementedError, KeyError) as exc:
@@ -144,7 +149,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
 def new_emitter(model: onnx.ModelProto, infos: Optional[Dict[str, TensorInfo]] = None) -> Emitter:
     """An emitter for `model` at its own opset, knowing every tensor name already taken."""
     graph = model.graph
-    taken = _known_tensors(graph, graph.node) | {n.name for n in graph.node if n.name}
+    taken = known_tensors(graph, graph.node) | {n.name for n in graph.node if n.name}
     return Emitter(default_opset(model), infos if infos is not None else infer_infos(model), taken)
 
 
@@ -182,105 +187,11 @@ def prune_unused(graph, first_new: int, first_new_initializer: int) -> int:
     return len(new_nodes) - len(kept)
 
 
-# ---------------------------------------------------------------------- graph analysis
-def _topological(graph) -> List[onnx.NodeProto]:
-    """Graph nodes in a topological order (ONNX requires one; some exporters don't honour it)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    remaining, ordered = list(graph.node), []
-    while remaining:
-        progress, rest = False, []
-        for node in remaining:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-                progress = True
-            else:
-                rest.append(node)
-        if not progress:  # cycles or outer-scope names: keep the file's order for the rest
-            ordered.extend(rest)
-            break
-        remaining = rest
-    return ordered
-
-
-def _known_tensors(graph, nodes) -> set:
-    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    for node in nodes:
-        names.update(o for o in node.output if o)
-    return names
-
-
+# ---------------------------------------------------------------------- path finding
 def _suggest(name, known) -> str:
     import difflib
     close = difflib.get_close_matches(name, sorted(known), n=3)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-
-
-class _Constants(dict):
-    """Tensor name -> numpy value for everything known before run time. Initializers are decoded
-    only when a rule asks (decoding every weight of VGG16 takes most of a second)."""
-
-    def __init__(self, initializers):
-        super().__init__()
-        self._protos = {i.name: i for i in initializers if i.data_location != TensorProto.EXTERNAL}
-
-    def __contains__(self, name):
-        return dict.__contains__(self, name) or name in self._protos
-
-    def __getitem__(self, name):
-        if not dict.__contains__(self, name) and name in self._protos:
-            self[name] = numpy_helper.to_array(self._protos[name])
-        return dict.__getitem__(self, name)
-
-    def get(self, name, default=None):
-        return self[name] if name in self else default
-
-    def size(self, name) -> int:
-        proto = self._protos.get(name)
-        if proto is not None and not dict.__contains__(self, name):
-            return int(np.prod(proto.dims, dtype=np.int64))
-        return int(np.asarray(self[name]).size)
-
-
-def _constant_values(graph, nodes) -> Dict[str, np.ndarray]:
-    """Values known before run time: initializers, Constant nodes, and small integer arithmetic on
-    them (Paddle and TF converters compute Slice/Reshape parameters with Constant nodes)."""
-    values = _Constants(graph.initializer)
-    for node in nodes:
-        if node.op_type == "Constant":
-            attrs = {a.name: a for a in node.attribute}
-            if "value" in attrs:
-                values[node.output[0]] = numpy_helper.to_array(attrs["value"].t)
-            elif "value_ints" in attrs:
-                values[node.output[0]] = np.asarray(attrs["value_ints"].ints, np.int64)
-            elif "value_int" in attrs:
-                values[node.output[0]] = np.asarray(attrs["value_int"].i, np.int64)
-            elif "value_floats" in attrs:
-                values[node.output[0]] = np.asarray(attrs["value_floats"].floats, np.float32)
-            elif "value_float" in attrs:
-                values[node.output[0]] = np.asarray(attrs["value_float"].f, np.float32)
-        elif node.op_type in _FOLDABLE and node.input and all(i in values for i in node.input if i):
-            if all(values.size(i) <= 64 for i in node.input if i):
-                folded = _fold(node, values)
-                if folded is not None:
-                    values[node.output[0]] = folded
-    return values
-
-
-_FOLDABLE = {"Cast", "Concat", "Unsqueeze", "Squeeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity"}
-
-
-def _fold(node, values):
-    try:
-        from onnx.reference import ReferenceEvaluator
-        ins = [i for i in node.input]
-        evaluator = ReferenceEvaluator(helper.make_graph(
-            [node], "fold", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None)
-                             for i in ins if i],
-            [helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED, None)]))
-        return np.asarray(evaluator.run(None, {i: values[i] for i in ins if i})[0])
-    except Exception:
-        return None
 
 
 def _differentiable_inputs(node: onnx.NodeProto) -> Sequence[int]:

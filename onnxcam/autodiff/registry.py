@@ -4,6 +4,10 @@ A rule is a short function ``rule(ctx, node, grads) -> gradients of the inputs``
 the gradient tensor name of each node output (None where that output does not reach the score),
 and the rule returns a list aligned with ``node.inputs`` (None where no gradient is needed or
 possible; a dict {input index: name} is accepted too). Rules emit nodes through ``ctx.emit``.
+
+Rule modes: a modified backward pass (guided backprop, deconvnet) registers a few rules under a
+mode name; every op without such a rule keeps its standard one. The walker asks for a mode and
+knows no more: no rule branches on the mode (like JAX's custom_vjp overriding a rule for a region).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ class Rule:
     differentiable: Optional[Tuple[int, ...]] = None
 
 
+STANDARD = "standard"
 _RULES: Dict[str, Rule] = {}
+_MODE_RULES: Dict[str, Dict[str, Rule]] = {}  # mode -> op type -> rule that replaces the standard one
 
 # Ops whose outputs carry no gradient although an input is float: their derivative is zero
 # almost everywhere (or they only read shapes), so the gradient through them is truly zero.
@@ -33,33 +39,37 @@ ZERO_GRADIENT_OPS = frozenset({
 })
 
 
-def vjp(*op_types: str, differentiable: Optional[Sequence[int]] = None):
-    """Register the decorated function as the VJP rule of `op_types`."""
+def vjp(*op_types: str, differentiable: Optional[Sequence[int]] = None, mode: str = STANDARD):
+    """Register the decorated function as the VJP rule of `op_types` (in rule mode `mode`)."""
     def register(fn):
+        table = _RULES if mode == STANDARD else _MODE_RULES.setdefault(mode, {})
         for op_type in op_types:
-            _RULES[op_type] = Rule(fn, None if differentiable is None else tuple(differentiable))
+            table[op_type] = Rule(fn, None if differentiable is None else tuple(differentiable))
         return fn
     return register
 
 
-def get_rule(op_type: str) -> Optional[Rule]:
-    _load_rules()
+def get_rule(op_type: str, mode: str = STANDARD) -> Optional[Rule]:
+    if mode != STANDARD:
+        if mode not in _MODE_RULES:
+            raise KeyError(f"unknown rule mode {mode!r}; modes are {', '.join(rule_modes())}")
+        override = _MODE_RULES[mode].get(op_type)
+        if override is not None:
+            return override
     return _RULES.get(op_type)
 
 
+def rule_modes() -> Tuple[str, ...]:
+    return (STANDARD,) + tuple(sorted(_MODE_RULES))
+
+
+def mode_overrides(mode: str) -> Tuple[str, ...]:
+    """The op types whose rule `mode` replaces (for documentation and tests)."""
+    return tuple(sorted(_MODE_RULES.get(mode, {})))
+
+
 def registered_ops():
-    _load_rules()
     return sorted(_RULES)
-
-
-_loaded = False
-
-
-def _load_rules():
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import rules  # noqa: F401  (importing registers every rule module)
 
 
 class NodeView:

@@ -1,11 +1,17 @@
-"""The augmenter: adds the gradient subgraph and the CAM computation to a model as new outputs.
+"""The augmenter: adds the explanation to a model as new outputs, read top to bottom:
+load -> analyse -> choose output, score and layers -> plan the methods -> build the target ->
+differentiate (one backward pass per rule mode) -> methods -> expose -> prune -> record.
 
 Contract of the augmented model (an API; see the README):
-  inputs  = the original inputs + optional ``onnxcam_class`` (int64 [N]; -1 or omitted: top class)
+  inputs  = the original inputs + the run-time choices of the target (``onnxcam_class`` int64
+            [N], -1 = top class; ``onnxcam_box``, ``onnxcam_step``, ``onnxcam_mask``,
+            ``onnxcam_reference`` per target): plain graph inputs, automatic values in the metadata
   outputs = the original outputs, untouched
-          + ``onnxcam_cam`` (float32 [N, H, W] in [0, 1] at the input's resolution)
+          + ``onnxcam_cam`` (float32 [N, H, W] at the input's resolution: the first method's map)
           + ``onnxcam_class_index`` (int64 [N]) + ``onnxcam_score`` (float32 [N])
-          + ``onnxcam_layer_cams`` (float32 [N, L, H, W]) when several layers are explained.
+          + ``onnxcam_layer_cams`` (float32 [N, L, H, W]) when several layers are explained
+          + with several methods, ``onnxcam_cam__<method>`` for each (and
+            ``onnxcam_layer_cams__<method>`` for layer methods over several layers).
 In vjp mode: input ``onnxcam_seed`` (cotangent of the named tensor), outputs
 ``onnxcam_activation`` and ``onnxcam_gradient`` of one target tensor.
 """
@@ -14,21 +20,26 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import onnx
 from onnx import TensorProto, helper
 
-from ..autodiff.gradients import (SEED_INPUT, add_gradients, check_opset, default_opset, flush, new_emitter,
-                                  prune_unused)
+from .._version import __version__
+from ..autodiff.analysis import GraphAnalysis
+from ..autodiff.gradients import add_gradients, check_opset, default_opset, flush, new_emitter, prune_unused
+from ..autodiff.registry import STANDARD
 from ..autodiff.shapes import TensorInfo, make_value_info
 from ..errors import UsageError
 from ..modelio import check_graph_structure, graph_errors, load_model
-from .inputs import image_input
+from ..spec import ExplainSpec
+from .inputs import ImageInput, image_input
 from .layers import candidate_layers, choose_output, logits_for, resolve_layers
-from .methods import METHODS, METHODS_REGISTRY
+from .methods import LAYER, METHODS, MethodContext, get_method  # noqa: F401  (METHODS: public)
+from .methods.maps import layer_maps, normalise
+from .plan import Plan, plan
 from .spatial import activation_layout, to_nchw
-from .targets import CLASS_INPUT, TARGETS
+from .targets import CLASS_INPUT, TARGETS, TargetInput, choices_metadata  # noqa: F401  (CLASS_INPUT: public)
 
 CAM_OUTPUT = "onnxcam_cam"
 LAYER_CAMS_OUTPUT = "onnxcam_layer_cams"
@@ -36,29 +47,38 @@ CLASS_OUTPUT = "onnxcam_class_index"
 SCORE_OUTPUT = "onnxcam_score"
 ACTIVATION_OUTPUT = "onnxcam_activation"
 GRADIENT_OUTPUT = "onnxcam_gradient"
-NORMALISE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
+METHOD_SEPARATOR = "__"  # onnxcam_cam__<method>
 
 
-def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gradcam", output: Optional[str] = None,
-            vjp: bool = False, keep_probabilities: bool = False, counterfactual: bool = False,
-            target: str = "class", target_options: Optional[dict] = None,
-            activation_layout_hint: str = "auto", token_grid=None, name: Optional[str] = None,
-            inplace: bool = False) -> onnx.ModelProto:
+def method_output(base: str, method: str) -> str:
+    """The output name of one method's map (or per-layer maps) in a several-method model."""
+    return f"{base}{METHOD_SEPARATOR}{method}"
+
+
+def augment(model, layer: Union[str, Sequence[str], None] = None, method: Union[str, Sequence[str], None] = None,
+            output: Optional[str] = None, vjp: Optional[bool] = None, keep_probabilities: Optional[bool] = None,
+            counterfactual: Optional[bool] = None, target: Optional[str] = None,
+            target_options: Optional[dict] = None, activation_layout_hint: Optional[str] = None,
+            token_grid=None, method_options: Optional[dict] = None, spec: Optional[ExplainSpec] = None,
+            name: Optional[str] = None, inplace: bool = False) -> onnx.ModelProto:
     """Return a copy of `model` (path or ModelProto) that also computes its explanation.
 
-    layer: "auto", a tensor name, or several (one map each, plus their fused mean).
-    method: one of METHODS. output: the graph output (or tensor) to explain.
-    keep_probabilities: differentiate the Softmax/Sigmoid output itself instead of its logits.
-    counterfactual: negate the gradients (regions that argue against the class).
-    vjp: expose the raw engine instead of a CAM (see the module docstring).
-    target: the score definition (see cam/targets.py), with `target_options` for it.
-    activation_layout_hint: "auto", "NCHW", "NHWC" or "tokens" for the target tensors;
-    token_grid: (extra_tokens, h, w) for token targets when it cannot be inferred.
+    The explanation is an ExplainSpec (`spec`), or built from the keyword arguments (which
+    override a given spec's fields): layer ("auto", a tensor name, or several), method (a name,
+    "a,b", or a list: one model computing all of them, sharing their work), output, vjp,
+    keep_probabilities, counterfactual, target and target_options, activation_layout_hint,
+    token_grid, method_options. Unset ones take ExplainSpec's defaults.
     name: how error messages call the model (default: its path).
     inplace: edit a given ModelProto instead of a copy (saves a copy of the weights).
     """
-    if method not in METHODS_REGISTRY:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = ExplainSpec.build(spec, methods=method, layers=layer, output=output, vjp=vjp,
+                             keep_probabilities=keep_probabilities, counterfactual=counterfactual, target=target,
+                             target_options=target_options, layout=activation_layout_hint, token_grid=token_grid,
+                             method_options=method_options)
+    for method_name in spec.methods:
+        get_method(method_name)  # an unknown name fails before any work
+    if spec.target not in TARGETS:
+        raise UsageError(f"unknown target {spec.target!r}; choose one of {', '.join(TARGETS)}")
     label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
     proto = load_model(model)
     if isinstance(model, onnx.ModelProto) and not inplace:
@@ -66,97 +86,127 @@ def augment(model, layer: Union[str, Sequence[str]] = "auto", method: str = "gra
     check_opset(default_opset(proto), str(label))
     check_graph_structure(proto, label)
     with graph_errors(proto, label):
-        return _augment(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
-                        target_options, activation_layout_hint, token_grid)
+        first_node, first_initializer = len(proto.graph.node), len(proto.graph.initializer)
+        build(proto, spec, str(label))
+        prune_unused(proto.graph, first_node, first_initializer)
+        return proto
 
 
-def _augment(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
-             target_options, activation_layout_hint, token_grid):
-    first_new, first_new_initializer = len(proto.graph.node), len(proto.graph.initializer)
-    result = _build(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
-                    target_options, activation_layout_hint, token_grid)
-    prune_unused(result.graph, first_new, first_new_initializer)
-    return result
-
-
-def _build(proto, label, layer, method, output, vjp, keep_probabilities, counterfactual, target,
-           target_options, activation_layout_hint, token_grid):
-    if not vjp:
-        image_input(proto, label)  # the first thing a user must know: is this an image model at all?
-    emit = new_emitter(proto)
-    infos = emit.infos
-    out = choose_output(proto, output, infos)
+def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelProto:
+    """Edit `proto` in place: the explanation described by `spec` as new graph outputs."""
+    image = None if spec.vjp else image_input(proto, label)  # first: is this an image model at all?
+    analysis = GraphAnalysis(proto)
+    emit = new_emitter(proto, analysis.infos)
+    out = choose_output(proto, spec.output, analysis.infos)
     # Detection heads end in a Sigmoid over boxes and scores alike: their scores are the target.
-    keep = keep_probabilities or vjp or target == "detection"
-    score = out if keep else logits_for(proto, out)[0]
-    candidates = candidate_layers(proto, score, infos)
-    all_tensors = {t for n in proto.graph.node for t in n.output} | {i.name for i in proto.graph.input}
-    targets = resolve_layers(layer, candidates, all_tensors, str(label))
-    if vjp:
-        return _augment_vjp(proto, targets, out, emit)
+    keep = spec.keep_probabilities or spec.vjp or spec.target == "detection"
+    score = out if keep else logits_for(analysis, out)[0]
+    if spec.vjp:
+        return _augment_vjp(proto, analysis, emit, _layers(proto, analysis, score, spec, label), out)
 
-    image = image_input(proto)
-    if target not in TARGETS:
-        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    spec = TARGETS[target](proto, emit, out, score, image, **(target_options or {}))
-    seed = emit.op("Neg", spec.seed) if counterfactual else spec.seed
-    seeded = spec.seed_tensor or score  # what the seed is the cotangent of
-    if seeded != score and seeded in targets:
+    the_plan = plan(spec.methods)
+    layers = _layers(proto, analysis, score, spec, label) if the_plan.needs_layers else []
+    t = TargetInput(proto, emit, out, score, image, analysis)
+    chosen = TARGETS[spec.target](t, **spec.target_options)
+    seed = emit.op("Neg", chosen.seed) if spec.counterfactual else chosen.seed
+    seeded = chosen.seed_tensor or score  # what the seed is the cotangent of
+    if seeded != score and seeded in layers:
         raise UsageError(f"layer {seeded!r} is the classifier's input, not a feature map; pick another layer")
     emit.set_info(seed, emit.dtype(seeded), emit.info(seeded).shape)
-    built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit, score_name=score)
 
-    cams = []
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    for name in targets:
-        layout = activation_layout(emit, name, image, activation_layout_hint, producers)
-        activation = to_nchw(emit, _as_float32(emit, name), image, layout, token_grid)
-        gradient = to_nchw(emit, _as_float32(emit, built.gradients[name]), image, layout, token_grid)
-        raw = METHODS_REGISTRY[method](emit, activation, gradient)
-        cams.append(_upsample(emit, _normalise(emit, emit.op("Relu", raw)), image))
-    stacked = cams[0] if len(cams) == 1 else emit.op("Concat", *cams, axis=1)
-    # pytorch-grad-cam's multi-layer aggregation, also applied to one layer: relu, mean, rescale.
-    # The resized maps are already >= 0, and the mean of one map is itself: only the rescale is left.
-    mean = stacked if len(cams) == 1 else emit.reduce("ReduceMean", stacked, [1], keepdims=True)
-    fused = _normalise(emit, mean)
-    cam = emit.squeeze(fused, [1])
-    _expose(proto, emit, cam, CAM_OUTPUT, TensorProto.FLOAT, _image_dims(image))
-    if len(cams) > 1:
-        n, h, w = _image_dims(image)
-        _expose(proto, emit, stacked, LAYER_CAMS_OUTPUT, TensorProto.FLOAT, (n, len(cams), h, w))
-    _expose(proto, emit, spec.class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
-    _expose(proto, emit, _as_float32(emit, spec.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
-    for name, (tensor, dtype, shape) in spec.extra_outputs.items():
+    ctx = MethodContext(emit, image, layers)
+    _differentiate(proto, analysis, emit, the_plan, ctx, seeded, seed, score, spec)
+    _run_methods(emit, the_plan, ctx, spec)
+
+    first = spec.methods[0]
+    several = len(spec.methods) > 1
+    _expose(proto, emit, emit.squeeze(ctx.maps[first], [1]), CAM_OUTPUT, TensorProto.FLOAT, _image_dims(image))
+    if first in ctx.layer_maps:
+        _expose(proto, emit, ctx.layer_maps[first], LAYER_CAMS_OUTPUT, TensorProto.FLOAT, _layer_dims(image, layers))
+    for name in spec.methods if several else ():
+        _expose(proto, emit, emit.squeeze(ctx.maps[name], [1]), method_output(CAM_OUTPUT, name), TensorProto.FLOAT,
+                _image_dims(image))
+        if name in ctx.layer_maps:
+            _expose(proto, emit, ctx.layer_maps[name], method_output(LAYER_CAMS_OUTPUT, name), TensorProto.FLOAT,
+                    _layer_dims(image, layers))
+    _expose(proto, emit, chosen.class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
+    _expose(proto, emit, _as_float32(emit, chosen.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
+    for name, (tensor, dtype, shape) in chosen.extra_outputs.items():
         _expose(proto, emit, tensor, name, dtype, shape)
     flush(emit, proto.graph)
-    _record(proto, method, targets, out, score)
+    _record(proto, spec.methods, layers, out, score, choices_metadata(t.choices))
     return proto
 
 
+# ---------------------------------------------------------------------- steps
+def _layers(proto, analysis, score, spec, label) -> List[str]:
+    candidates = candidate_layers(analysis, score)
+    all_tensors = {t for n in proto.graph.node for t in n.output} | {i.name for i in proto.graph.input}
+    return resolve_layers(spec.layers, candidates, all_tensors, label)
+
+
+def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, seeded, seed, score, spec) -> None:
+    """One backward pass per rule mode over every tensor any method asked for; activations and
+    gradients at the layers brought to float32 NCHW, once."""
+    image = ctx.image
+    for mode in the_plan.gradients:
+        targets = the_plan.targets(mode, ctx.layers, image.name)
+        built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit, score_name=score, analysis=analysis,
+                              mode=mode)
+        if image.name in targets:
+            ctx.input_gradients[mode] = _image_nchw(emit, built.gradients[image.name], image)
+        if mode == STANDARD:
+            for name in ctx.layers:
+                if name in built.gradients:
+                    layout = _layout(emit, name, image, spec, analysis)
+                    ctx.gradients[name] = to_nchw(emit, _as_float32(emit, built.gradients[name]), image, layout,
+                                                  spec.token_grid)
+    if the_plan.needs_activations:
+        for name in ctx.layers:
+            layout = _layout(emit, name, image, spec, analysis)
+            ctx.activations[name] = to_nchw(emit, _as_float32(emit, name), image, layout, spec.token_grid)
+    ctx.image_nchw = _image_nchw(emit, image.name, image)  # pruned when no method reads it
+
+
+def _run_methods(emit, the_plan: Plan, ctx: MethodContext, spec: ExplainSpec) -> None:
+    for method in the_plan.methods:
+        if method.kind == LAYER:
+            raw = [method.fn(emit, ctx.activation(name), ctx.gradient(name)) for name in ctx.layers]
+            ctx.maps[method.name], stacked = layer_maps(emit, raw, ctx.image)
+            if stacked is not None:
+                ctx.layer_maps[method.name] = stacked
+        else:
+            options = dict(spec.method_options.get(method.name, {}))
+            unknown = sorted(set(options) - set(method.options))
+            if unknown:
+                raise UsageError(f"method {method.name!r} has no option {unknown[0]!r}; its options are "
+                                 f"{', '.join(method.options) or 'none'}")
+            ctx.maps[method.name] = method.fn(ctx, **options)
+
+
 # ---------------------------------------------------------------------- pieces
+def _layout(emit, name, image, spec, analysis) -> str:
+    return activation_layout(emit, name, image, spec.layout, analysis.producers)
+
+
 def _as_float32(emit, name):
     return name if emit.dtype(name) == TensorProto.FLOAT else emit.cast(name, TensorProto.FLOAT)
 
 
-def _normalise(emit, cam):
-    """Per-image min-max to [0, 1] as pytorch-grad-cam: (x - min) / (max(x - min) + 1e-7)."""
-    shifted = emit.op("Sub", cam, emit.reduce("ReduceMin", cam, [1, 2, 3], keepdims=True))
-    top = emit.reduce("ReduceMax", shifted, [1, 2, 3], keepdims=True)
-    return emit.op("Div", shifted, emit.op("Add", top, emit.scalar(NORMALISE_EPS, cam)))
-
-
-def _upsample(emit, cam, image):
-    """Bilinear resize to the input's spatial size with half-pixel centres (cv2.INTER_LINEAR)."""
-    h_axis, w_axis = image.spatial_axes
-    image_dims = emit.dims(image.name)
-    cam_dims = emit.dims(emit.set_info(cam, TensorProto.FLOAT, [None, 1, None, None]))
-    sizes = emit.shape_of([cam_dims[0], 1, image_dims[h_axis], image_dims[w_axis]])
-    return emit.resize(cam, sizes, mode="linear", coordinate_transformation_mode="half_pixel")
+def _image_nchw(emit, name: str, image: ImageInput) -> str:
+    """A tensor shaped like the image input, as float32 NCHW."""
+    wide = _as_float32(emit, name)
+    return wide if image.layout == "NCHW" else emit.op("Transpose", wide, perm=[0, 3, 1, 2])
 
 
 def _image_dims(image):
     h_axis, w_axis = image.spatial_axes
     return (image.shape[0], image.shape[h_axis], image.shape[w_axis])
+
+
+def _layer_dims(image, layers):
+    n, h, w = _image_dims(image)
+    return (n, len(layers), h, w)
 
 
 def _expose(proto, emit, tensor, name, dtype, shape):
@@ -166,26 +216,26 @@ def _expose(proto, emit, tensor, name, dtype, shape):
     proto.graph.output.append(make_value_info(name, TensorInfo(dtype, shape), symbol_prefix=name))
 
 
-def _augment_vjp(proto, targets, out, emit):
+def _augment_vjp(proto, analysis, emit, targets, out):
     if len(targets) != 1:
         raise UsageError("vjp mode exposes one target tensor; name exactly one layer")
     target = targets[0]
-    built = add_gradients(proto, [target], out, emitter=emit)
+    built = add_gradients(proto, [target], out, emitter=emit, analysis=analysis)
     info = emit.info(target)
     _expose(proto, emit, target, ACTIVATION_OUTPUT, info.dtype or TensorProto.FLOAT, info.shape)
     gradient = built.gradients[target]
     _expose(proto, emit, gradient, GRADIENT_OUTPUT, emit.info(gradient).dtype or TensorProto.FLOAT, info.shape)
     flush(emit, proto.graph)
-    _record(proto, "vjp", [target], out, out)
+    _record(proto, ("vjp",), [target], out, out, {})
     return proto
 
 
-def _record(proto, method, targets, output, score):
+def _record(proto, methods, targets, output, score, extra: Dict[str, str]):
     """Leave what was done in the model's metadata (readable by any runtime)."""
-    entries = {"onnxcam.method": method, "onnxcam.layers": ",".join(targets), "onnxcam.output": output,
-               "onnxcam.score_tensor": score}
-    from .. import __version__
-    entries["onnxcam.version"] = __version__
+    entries = {"onnxcam.method": methods[0], "onnxcam.methods": ",".join(methods),
+               "onnxcam.layers": ",".join(targets), "onnxcam.output": output, "onnxcam.score_tensor": score,
+               "onnxcam.version": __version__}
+    entries.update(extra)
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in entries.items():
         if key in existing:

@@ -9,9 +9,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import onnx
 
-from ..autodiff.gradients import _differentiable_inputs, _topological
+from ..autodiff.analysis import GraphAnalysis
+from ..autodiff.gradients import _differentiable_inputs
 from ..autodiff.registry import ZERO_GRADIENT_OPS
-from ..autodiff.shapes import TensorInfo, infer_infos, probe_infos
+from ..autodiff.shapes import TensorInfo
 from ..errors import LayerNotFoundError, UnsupportedModelError, UsageError
 from ..modelio import check_graph_structure, graph_errors, load_model
 
@@ -51,10 +52,10 @@ def choose_output(model: onnx.ModelProto, output: Optional[str], infos: Dict[str
                      "with --output / output=")
 
 
-def logits_for(model: onnx.ModelProto, output: str) -> Tuple[str, List[str]]:
+def logits_for(analysis: GraphAnalysis, output: str) -> Tuple[str, List[str]]:
     """The pre-probability tensor behind `output` (through Identity/Reshape...), and the ops skipped.
     Returns (output, []) when the output is not produced by Softmax/LogSoftmax/Sigmoid."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = analysis.producers
     tensor, skipped = output, []
     while tensor in producers:
         node = producers[tensor]
@@ -68,9 +69,9 @@ def logits_for(model: onnx.ModelProto, output: str) -> Tuple[str, List[str]]:
     return output, []
 
 
-def differentiable_feeders(model: onnx.ModelProto, score: str, infos: Dict[str, TensorInfo]) -> set:
+def differentiable_feeders(analysis: GraphAnalysis, score: str) -> set:
     """Tensors from which `score` is reached through differentiable inputs of ops."""
-    producers = {o: n for n in _topological(model.graph) for o in n.output}
+    producers, infos = analysis.producers, analysis.infos
     seen, stack = {score}, [score]
     while stack:
         node = producers.get(stack.pop())
@@ -85,20 +86,16 @@ def differentiable_feeders(model: onnx.ModelProto, score: str, infos: Dict[str, 
     return seen
 
 
-def candidate_layers(model: onnx.ModelProto, score: str, infos: Dict[str, TensorInfo]) -> List[LayerInfo]:
+def candidate_layers(analysis: GraphAnalysis, score: str) -> List[LayerInfo]:
     """Every 4-D float activation on a differentiable path to `score`, in graph order, the
     automatic choice marked."""
-    feeders = differentiable_feeders(model, score, infos)
-    constants = {i.name for i in model.graph.initializer} | {n.output[0] for n in model.graph.node
-                                                            if n.op_type == "Constant"}
-    nodes = _topological(model.graph)
+    infos, nodes = analysis.infos, analysis.nodes
+    feeders = differentiable_feeders(analysis, score)
+    constants = analysis.constant_names() | analysis.initializers
     unknown = [o for n in nodes for o in n.output if o in feeders and o not in constants
                and (infos.get(o) is None or infos[o].shape is None)]
     if unknown:
-        try:
-            infos.update(probe_infos(model, unknown))
-        except Exception:
-            pass  # listing is best-effort for tensors whose rank nothing can tell
+        analysis.probe(unknown)  # listing is best-effort for tensors whose rank nothing can tell
     found, order = [], {}
     for index, node in enumerate(nodes):
         for out in node.output:
@@ -107,29 +104,21 @@ def candidate_layers(model: onnx.ModelProto, score: str, infos: Dict[str, Tensor
             if out in feeders and out not in constants and info is not None and info.rank == 4 and info.is_float:
                 found.append(LayerInfo(out, node.op_type, node.name, info.shape))
     auto = auto_layer(found)
-    tokens = token_layers(nodes, feeders, infos, order)
+    tokens = token_layers(analysis, feeders)
     unsure = [l.name for l in tokens if not isinstance(l.shape[1], int)]
     if unsure:  # shape inference loses token counts after dynamic Reshapes: measure them
-        try:
-            infos.update(probe_infos(model, unsure))
-            tokens = token_layers(nodes, feeders, infos, order)
-        except Exception:
-            pass  # left symbolic: the grid must then be given (token_grid)
+        if analysis.probe(unsure):
+            tokens = token_layers(analysis, feeders)
     if tokens and (auto is None or order[tokens[-1].name] > order[auto]):
         # A transformer: attention follows the last feature map (the patch embedding).
         found = sorted(found + tokens, key=lambda l: order[l.name])
-        auto = auto_token_layer(nodes, tokens, feeders) or auto
+        auto = auto_token_layer(analysis, tokens, feeders) or auto
     return [LayerInfo(l.name, l.op, l.node, l.shape, l.name == auto) for l in found]
 
 
-def _norm_outputs(nodes) -> Dict[str, onnx.NodeProto]:
+def _norm_outputs(nodes, producers, consumers) -> Dict[str, onnx.NodeProto]:
     """Outputs of layer norms: the LayerNormalization op, or the decomposed pattern
     (x - mean) / Sqrt(var + eps) [* gamma] [+ beta] that older exports write."""
-    producers = {o: n for n in nodes for o in n.output}
-    consumers: Dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
     found = {}
     for n in nodes:
         if n.op_type == "LayerNormalization":
@@ -144,23 +133,21 @@ def _norm_outputs(nodes) -> Dict[str, onnx.NodeProto]:
     return found
 
 
-def token_layers(nodes, feeders, infos, order) -> List[LayerInfo]:
+def token_layers(analysis: GraphAnalysis, feeders) -> List[LayerInfo]:
     """Token activations [N, T, C] (T > 1) produced by a layer norm on the path to the score."""
     out = []
-    for name, node in _norm_outputs(nodes).items():
+    infos, order = analysis.infos, analysis.order
+    for name, node in _norm_outputs(analysis.nodes, analysis.producers, analysis.consumers).items():
         info = infos.get(name)
         if name in feeders and info is not None and info.rank == 3 and info.is_float and info.shape[1] != 1:
             out.append(LayerInfo(name, node.op_type, node.name, info.shape))
     return sorted(out, key=lambda l: order[l.name])
 
 
-def auto_token_layer(nodes, tokens: Sequence[LayerInfo], feeders) -> Optional[str]:
+def auto_token_layer(analysis: GraphAnalysis, tokens: Sequence[LayerInfo], feeders) -> Optional[str]:
     """The last norm output that still feeds an attention Softmax: its every token gets a gradient
     (pytorch-grad-cam's ViT recipe uses blocks[-1].norm1; later norms only see the class token)."""
-    consumers: Dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = analysis.consumers
     for layer in reversed(tokens):
         seen, stack = {layer.name}, [layer.name]
         while stack:
@@ -192,10 +179,10 @@ def layers(model, output: Optional[str] = None, keep_probabilities: bool = False
     proto = load_model(model)
     check_graph_structure(proto, label)
     with graph_errors(proto, label):
-        infos = infer_infos(proto)
-        out = choose_output(proto, output, infos)
-        score = out if keep_probabilities else logits_for(proto, out)[0]
-        return candidate_layers(proto, score, infos)
+        analysis = GraphAnalysis(proto)
+        out = choose_output(proto, output, analysis.infos)
+        score = out if keep_probabilities else logits_for(analysis, out)[0]
+        return candidate_layers(analysis, score)
 
 
 def resolve_layers(requested, candidates: List[LayerInfo], all_tensors: set, model_label: str = "model") -> List[str]:

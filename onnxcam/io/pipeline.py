@@ -137,7 +137,7 @@ class ExplainRun:
         for i, (source, photo) in enumerate(loaded):
             stem = self._unique_stem(source.stem)
             for rank, res in ranked:
-                records.append(self._write(source, stem, photo, geometries[i], res, i, rank))
+                records.extend(self._write(source, stem, photo, geometries[i], res, i, rank))
         return records
 
     def _explain(self, x, class_index):
@@ -157,16 +157,22 @@ class ExplainRun:
         raise UsageError("cannot rank classes for --top-k: the explained output is not a model output of "
                          "shape [N, classes]; use --class instead")
 
-    def _write(self, source, stem, photo, geometry, res, i, rank) -> Record:
+    def _write(self, source, stem, photo, geometry, res, i, rank) -> List[Record]:
+        """One overlay, map and record per method (file names carry the method when there are several)."""
         k = int(res.class_index[i])
-        heat = np.clip(geometry.to_original(res.cam[i]), 0.0, 1.0).astype(np.float32)
-        png = self.out_dir / f"{stem}_{k}.png"
-        npy = self.out_dir / f"{stem}_{k}.npy"
-        write_png(png, blend(photo, heat, self.alpha, self.colormap))
-        write_npy(npy, heat)
-        return Record(image=source.name, class_index=k, label=label_for(self.labels, k),
-                      score=float(res.score[i]), probability=self._probability(res, i, k), rank=rank,
-                      method=self.method, layer=self.layer, overlay=str(png), npy=str(npy))
+        cams = res.cams or {self.method: res.cam}
+        several = len(cams) > 1
+        records = []
+        for method, cam in cams.items():
+            heat = np.clip(geometry.to_original(cam[i]), 0.0, 1.0).astype(np.float32)
+            name = f"{stem}_{k}_{_file_safe(method)}" if several else f"{stem}_{k}"
+            png, npy = self.out_dir / f"{name}.png", self.out_dir / f"{name}.npy"
+            write_png(png, blend(photo, heat, self.alpha, self.colormap))
+            write_npy(npy, heat)
+            records.append(Record(image=source.name, class_index=k, label=label_for(self.labels, k),
+                                  score=float(res.score[i]), probability=self._probability(res, i, k), rank=rank,
+                                  method=method, layer=self.layer, overlay=str(png), npy=str(npy)))
+        return records
 
     def _probability(self, res, i, k) -> Optional[float]:
         try:
@@ -190,7 +196,75 @@ class ExplainRun:
         return candidate
 
 
+def _file_safe(method: str) -> str:
+    """A method name as part of a file name (gradcam++ -> gradcampp)."""
+    return method.replace("+", "p").replace("/", "-")
+
+
 def write_summary(out_dir, records: Sequence[Record], name: str = SUMMARY_NAME) -> Path:
     """All records as JSON lines, written atomically."""
     text = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
     return atomic_write_bytes(Path(os.fspath(out_dir)) / name, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------- the whole run
+def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resize="direct", bgr=None,
+                    labels_path=None, class_index=None, top_k=None, batch_size=8, alpha=DEFAULT_ALPHA,
+                    colormap=DEFAULT_COLORMAP, max_pixels=None, inputs=None,
+                    on_warning: Callable[[str], None] = lambda message: None, progress=None) -> List[Record]:
+    """Preprocess, explain and write; returns the summary records. Shared by `explain` and `demo`.
+    `progress(total)` may return a context manager whose value has update(n) (a progress bar)."""
+    from .labels import labels_for_model
+    from .preprocess import input_size
+
+    preset = preset or model_preset(explainer) or "imagenet"
+    shape = input_size(explainer.input_shape, explainer.layout, size)
+    pre = Preprocessor(size=shape, preset=preset, resize=resize, bgr=bgr or None, layout=explainer.layout,
+                       channels=explainer.channels)
+    labels = labels_for_model(labels_path, getattr(explainer, "n_classes", None), on_warning=on_warning)
+    many = len(sources) > 1
+    run = ExplainRun(explainer, pre, out_dir, labels=labels, class_index=class_index, top_k=top_k,
+                     batch_size=batch_size, alpha=alpha, colormap=colormap, max_pixels=max_pixels, inputs=inputs,
+                     on_warning=on_warning if many else (lambda message: None))
+    if many and progress is not None:
+        with progress(len(sources)) as bar:
+            result = run.run(sources, progress=bar.update)
+    else:
+        result = run.run(sources)
+    if result.records:
+        write_summary(out_dir, result.records)
+    if result.failures:
+        if not many:
+            raise result.failures[0]
+        raise ImageError(f"{len(result.failures)} of {len(sources)} images could not be read (see the warnings "
+                         f"above); explained the other {len(sources) - len(result.failures)}")
+    return result.records
+
+
+def model_preset(explainer) -> Optional[str]:
+    """The preset a model names in its metadata (key onnxcam.preset), if any."""
+    from .preprocess import PRESET_METADATA_KEY, PRESETS
+
+    value = getattr(explainer, "metadata", {}).get(PRESET_METADATA_KEY)
+    return value if value in PRESETS else None
+
+
+def records_table(records, files: bool = True) -> str:
+    rows = []
+    for r in records:
+        score = f"{r.score:.3f}" + (f" (p={r.probability:.2f})" if r.probability is not None else "")
+        row = [r.image, r.class_index, r.label, score]
+        if files:
+            row.append(f"{r.overlay}, {Path(r.npy).name}")
+        rows.append(row)
+    headers = ["image", "class", "label", "score"] + (["files"] if files else [])
+    return table(rows, headers)
+
+
+def table(rows, headers) -> str:
+    """Plain aligned columns with a rule under the headers."""
+    cells = [tuple(str(c) for c in headers)] + [tuple(str(c) for c in row) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    return "\n".join(lines)

@@ -1,23 +1,15 @@
-"""CAM methods as small graph builders over (activations A, gradients G), both [N, C, h, w].
+"""The Grad-CAM family: channel weightings of one layer's activations A by its gradients G.
 
-Each method returns the raw map [N, 1, h, w] before ReLU/normalisation; the augmenter owns the
-rest of the pipeline. Formulas follow pytorch-grad-cam, so maps agree numerically with it.
+Each method returns the raw map [N, 1, h, w] before ReLU/normalisation (A and G are float32
+[N, C, h, w]); the shared CAM pipeline owns the rest. Formulas follow pytorch-grad-cam, so maps
+agree numerically with it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from .registry import layer_method
 
-METHODS_REGISTRY: Dict[str, Callable] = {}
 SPATIAL = [2, 3]
-
-
-def method(*names):
-    def register(fn):
-        for name in names:
-            METHODS_REGISTRY[name] = fn
-        return fn
-    return register
 
 
 def weighted_sum(emit, weights, A):
@@ -25,13 +17,13 @@ def weighted_sum(emit, weights, A):
     return emit.reduce("ReduceSum", emit.op("Mul", weights, A), [1], keepdims=True)
 
 
-@method("gradcam")
+@layer_method("gradcam")
 def gradcam(emit, A, G):
     """Grad-CAM (Selvaraju et al. 2017): w_k = mean_ij G_kij."""
     return weighted_sum(emit, emit.reduce("ReduceMean", G, SPATIAL, keepdims=True), A)
 
 
-@method("gradcam++")
+@layer_method("gradcam++")
 def gradcam_plus_plus(emit, A, G):
     """Grad-CAM++ (Chattopadhay et al. 2018), eq. 19: alpha = G^2 / (2 G^2 + sum_ij(A) G^3 + eps),
     alpha = 0 where G = 0; w_k = sum_ij relu(G) alpha."""
@@ -47,7 +39,7 @@ def gradcam_plus_plus(emit, A, G):
     return weighted_sum(emit, weights, A)
 
 
-@method("xgradcam")
+@layer_method("xgradcam")
 def xgradcam(emit, A, G):
     """XGrad-CAM (Fu et al. 2020): w_k = sum_ij G A / (sum_ij A + eps)."""
     sum_a = emit.reduce("ReduceSum", A, SPATIAL, keepdims=True)
@@ -55,22 +47,20 @@ def xgradcam(emit, A, G):
     return weighted_sum(emit, emit.reduce("ReduceSum", normalised, SPATIAL, keepdims=True), A)
 
 
-@method("hirescam")
+@layer_method("hirescam")
 def hirescam(emit, A, G):
     """HiResCAM (Draelos & Carin 2020): sum_k G_k * A_k, element-wise, no spatial averaging."""
     return emit.reduce("ReduceSum", emit.op("Mul", G, A), [1], keepdims=True)
 
 
-@method("gradcam-elementwise")
+@layer_method("gradcam-elementwise")
 def gradcam_elementwise(emit, A, G):
     """Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise): sum_k relu(G_k * A_k)."""
     return emit.reduce("ReduceSum", emit.op("Relu", emit.op("Mul", G, A)), [1], keepdims=True)
 
 
-@method("layercam")
+@layer_method("layercam")
 def layercam(emit, A, G):
     """LayerCAM (Jiang et al. 2021): sum_k relu(G_k) * A_k."""
     return emit.reduce("ReduceSum", emit.op("Mul", emit.op("Relu", G), A), [1], keepdims=True)
 
-
-METHODS = tuple(METHODS_REGISTRY)

@@ -1,0 +1,164 @@
+"""One analysis of a graph, built once per augment and handed down.
+
+Everything the augmenter and the walker ask of the *original* graph lives here: nodes in a
+topological order, producers and consumers, tensor infos (shape inference, then probing with
+ONNX Runtime for what inference lost, each tensor probed at most once), and the values known
+before run time. Nodes onnxcam adds later are not part of it: the walker must never differentiate
+its own backward nodes, and the CAM code reads forward tensors only.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .shapes import TensorInfo, infer_infos, probe_infos
+
+
+class GraphAnalysis:
+    """Producers, consumers, order, infos and constants of one model's graph."""
+
+    def __init__(self, model: onnx.ModelProto, infos: Optional[Dict[str, TensorInfo]] = None):
+        self.model = model
+        graph = model.graph
+        self.nodes: List[onnx.NodeProto] = topological(graph)
+        self.producers: Dict[str, onnx.NodeProto] = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.order: Dict[str, int] = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self.known: set = known_tensors(graph, self.nodes)
+        self.initializers = {i.name for i in graph.initializer}
+        self.infos: Dict[str, TensorInfo] = infos if infos is not None else infer_infos(model)
+        self._constants = None
+        self._probe_failed: set = set()
+
+    @property
+    def constants(self) -> Dict[str, np.ndarray]:
+        """Values known before run time (decoded lazily: see _Constants)."""
+        if self._constants is None:
+            self._constants = constant_values(self.model.graph, self.nodes)
+        return self._constants
+
+    def constant_names(self) -> set:
+        """Initializers and Constant-node outputs (without decoding any value). An initializer
+        that is also a graph input is not one: a caller may feed another value at run time."""
+        inputs = {i.name for i in self.model.graph.input}
+        return (self.initializers - inputs) | {n.output[0] for n in self.nodes if n.op_type == "Constant"}
+
+    def probe(self, names: Iterable[str], required: bool = False) -> Dict[str, TensorInfo]:
+        """Measure the shapes of `names` by running the model (see shapes.probe_infos); results go
+        into `infos`. Each tensor is probed at most once per analysis. With `required`, a model
+        ONNX Runtime cannot run raises; otherwise what cannot be measured stays unknown."""
+        wanted = [n for n in dict.fromkeys(names) if n not in self._probe_failed]
+        if not wanted:
+            return {}
+        try:
+            found = probe_infos(self.model, wanted)
+        except Exception:
+            self._probe_failed.update(wanted)
+            if required:
+                raise
+            return {}
+        self.infos.update(found)
+        return found
+
+
+# ---------------------------------------------------------------------- pieces
+def topological(graph) -> List[onnx.NodeProto]:
+    """Graph nodes in a topological order (ONNX requires one; some exporters don't honour it)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    remaining, ordered = list(graph.node), []
+    while remaining:
+        progress, rest = False, []
+        for node in remaining:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progress = True
+            else:
+                rest.append(node)
+        if not progress:  # cycles or outer-scope names: keep the file's order for the rest
+            ordered.extend(rest)
+            break
+        remaining = rest
+    return ordered
+
+
+def known_tensors(graph, nodes) -> set:
+    names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for node in nodes:
+        names.update(o for o in node.output if o)
+    return names
+
+
+class _Constants(dict):
+    """Tensor name -> numpy value for everything known before run time. Initializers are decoded
+    only when a rule asks (decoding every weight of VGG16 takes most of a second)."""
+
+    def __init__(self, initializers):
+        super().__init__()
+        self._protos = {i.name: i for i in initializers if i.data_location != TensorProto.EXTERNAL}
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name) or name in self._protos
+
+    def __getitem__(self, name):
+        if not dict.__contains__(self, name) and name in self._protos:
+            self[name] = numpy_helper.to_array(self._protos[name])
+        return dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def size(self, name) -> int:
+        proto = self._protos.get(name)
+        if proto is not None and not dict.__contains__(self, name):
+            return int(np.prod(proto.dims, dtype=np.int64))
+        return int(np.asarray(self[name]).size)
+
+
+def constant_values(graph, nodes) -> Dict[str, np.ndarray]:
+    """Values known before run time: initializers, Constant nodes, and small integer arithmetic on
+    them (Paddle and TF converters compute Slice/Reshape parameters with Constant nodes)."""
+    values = _Constants(graph.initializer)
+    for node in nodes:
+        if node.op_type == "Constant":
+            attrs = {a.name: a for a in node.attribute}
+            if "value" in attrs:
+                values[node.output[0]] = numpy_helper.to_array(attrs["value"].t)
+            elif "value_ints" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_ints"].ints, np.int64)
+            elif "value_int" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_int"].i, np.int64)
+            elif "value_floats" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_floats"].floats, np.float32)
+            elif "value_float" in attrs:
+                values[node.output[0]] = np.asarray(attrs["value_float"].f, np.float32)
+        elif node.op_type in _FOLDABLE and node.input and all(i in values for i in node.input if i):
+            if all(values.size(i) <= 64 for i in node.input if i):
+                folded = _fold(node, values)
+                if folded is not None:
+                    values[node.output[0]] = folded
+    return values
+
+
+_FOLDABLE = {"Cast", "Concat", "Unsqueeze", "Squeeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity"}
+
+
+def _fold(node, values):
+    try:
+        from onnx.reference import ReferenceEvaluator
+        ins = [i for i in node.input]
+        evaluator = ReferenceEvaluator(helper.make_graph(
+            [node], "fold", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None)
+                             for i in ins if i],
+            [helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED, None)]))
+        return np.asarray(evaluator.run(None, {i: values[i] for i in ins if i})[0])
+    except Exception:
+        return None

@@ -1,0 +1,48 @@
+"""What a method reads: the needs the planner built, handed over by name.
+
+A method asking for something its declaration did not name is a bug in that method, caught here
+(the planner would not have built it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from ...autodiff.registry import STANDARD
+from ...errors import UsageError
+
+
+@dataclass
+class MethodContext:
+    emit: object
+    image: object  # cam.inputs.ImageInput
+    layers: List[str]  # target layer names, in order
+    activations: Dict[str, str] = field(default_factory=dict)  # layer -> float32 [N, C, h, w]
+    gradients: Dict[str, str] = field(default_factory=dict)  # layer -> float32 [N, C, h, w] (standard rules)
+    image_nchw: Optional[str] = None  # the input as float32 [N, C, H, W]
+    input_gradients: Dict[str, str] = field(default_factory=dict)  # rule mode -> float32 [N, C, H, W]
+    maps: Dict[str, str] = field(default_factory=dict)  # method -> its map [N, 1, H, W] (built ones)
+    layer_maps: Dict[str, str] = field(default_factory=dict)  # method -> [N, L, H, W] for several layers
+
+    def activation(self, layer: str) -> str:
+        return self._need(self.activations, layer, "activation")
+
+    def gradient(self, layer: str) -> str:
+        return self._need(self.gradients, layer, "gradient")
+
+    def input(self) -> str:
+        if self.image_nchw is None:
+            raise UsageError("a method read the input without declaring it")
+        return self.image_nchw
+
+    def input_gradient(self, mode: str = STANDARD) -> str:
+        return self._need(self.input_gradients, mode, "input_gradient (rule mode)")
+
+    def map_of(self, method: str) -> str:
+        return self._need(self.maps, method, "uses")
+
+    @staticmethod
+    def _need(table, key, what):
+        if key not in table:
+            raise UsageError(f"a method read {what} {key!r} without declaring it in its needs")
+        return table[key]

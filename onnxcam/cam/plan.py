@@ -1,0 +1,79 @@
+"""Planning: read the declarations of every requested method and decide what to build, once.
+
+One plan for one augmented model: which methods to build (the requested ones, and the ones they
+use, each once, in dependency order), whether target layers are needed at all, and which
+gradients to differentiate in which rule mode. The augmenter then runs one backward pass per
+rule mode, covering every layer and the input any method asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+from ..autodiff.registry import STANDARD, rule_modes
+from ..errors import UsageError
+from .methods import LAYER, Method, get_method
+
+LAYERS, INPUT = "layers", "input"  # gradient targets, resolved to tensor names by the augmenter
+
+
+@dataclass
+class Plan:
+    requested: Tuple[str, ...]
+    methods: List[Method]  # to build, dependencies first
+    needs_layers: bool = False
+    needs_activations: bool = False
+    gradients: Dict[str, List[str]] = field(default_factory=dict)  # rule mode -> [LAYERS and/or INPUT]
+
+    def targets(self, mode: str, layers: Sequence[str], image_input: str) -> List[str]:
+        """The tensors to differentiate in `mode`."""
+        names: List[str] = []
+        for what in self.gradients.get(mode, []):
+            names.extend(layers if what == LAYERS else [image_input])
+        return list(dict.fromkeys(names))
+
+
+def plan(method_names: Sequence[str]) -> Plan:
+    ordered: List[Method] = []
+    visiting: set = set()
+
+    def visit(name: str, chain: Tuple[str, ...]):
+        if any(m.name == name for m in ordered):
+            return
+        if name in visiting:
+            raise UsageError(f"method {name!r} uses itself through {' -> '.join(chain)}")
+        visiting.add(name)
+        method = get_method(name)
+        for used in method.needs.uses:
+            visit(used, chain + (used,))
+        visiting.discard(name)
+        ordered.append(method)
+
+    for name in method_names:
+        visit(name, (name,))
+    result = Plan(tuple(method_names), ordered)
+    modes = rule_modes()
+    for method in ordered:
+        needs = method.needs
+        if needs.samples or needs.reruns:
+            what = f"{needs.samples} samples" if needs.samples else "re-runs of the graph"
+            raise UsageError(f"method {method.name!r} needs {what}, which this build of onnxcam cannot plan yet")
+        if needs.rule_mode not in modes:
+            raise UsageError(f"method {method.name!r} asks for rule mode {needs.rule_mode!r}; "
+                             f"modes are {', '.join(modes)}")
+        if method.kind == LAYER or needs.activation or needs.gradient:
+            result.needs_layers = True
+        if needs.activation:
+            result.needs_activations = True
+        if needs.gradient:
+            _add(result.gradients, STANDARD, LAYERS)
+        if needs.input_gradient:
+            _add(result.gradients, needs.rule_mode, INPUT)
+    return result
+
+
+def _add(table: Dict[str, List[str]], mode: str, what: str) -> None:
+    entries = table.setdefault(mode, [])
+    if what not in entries:
+        entries.append(what)
