@@ -147,8 +147,11 @@ def _shape(shape) -> str:
               help=METHOD_HELP)
 @click.option("--output", "output", metavar="NAME", help="The model output to explain.")
 @click.option("--vjp", is_flag=True, help="Expose the raw activation and gradient instead of a CAM.")
+@click.option("--portable", is_flag=True,
+              help="Backward convolutions get their own weight copies (for OpenVINO; costs memory).")
 @score_options
-def augment(model, out, layer, method, output, vjp, keep_probabilities, counterfactual, target, target_options):
+def augment(model, out, layer, method, output, vjp, portable, keep_probabilities, counterfactual, target,
+            target_options):
     """Write a copy of MODEL that also outputs the CAM (inputs/outputs documented in the README)."""
     from .cam.augment import augment as do_augment
     from .errors import OutputError
@@ -159,7 +162,7 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
     if any(_same_file(out, other) for other in refuse):
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
     proto = load_model(model)
-    augmented = do_augment(proto, spec=spec, name=str(model))
+    augmented = do_augment(proto, spec=spec, name=str(model), portable=portable)
     save_model(augmented, out, refuse=refuse)
     meta = {p.key: p.value for p in augmented.metadata_props}
     click.echo(f"wrote {out} (method {meta.get('onnxcam.method', method)}, "

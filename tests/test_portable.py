@@ -101,3 +101,25 @@ def test_augmented_model_at_a_middle_layer():
 def test_last_layer_grad_cam_has_nothing_to_separate():
     augmented = onnxcam.augment(resnet_like(), layer="block3")
     assert shared_conv_weights(augmented) == []
+
+
+def test_augment_portable_option_separates_the_weights(tmp_path):
+    """augment(..., portable=True): no weight shared by a Conv and a ConvTranspose, same maps."""
+    import onnxruntime as ort
+    import torch
+
+    import onnxcam
+    from onnxcam.portable import shared_conv_weights
+    from torch_nets import TinyResNet, export, randomise_batchnorm
+
+    torch.manual_seed(0)
+    path = export(randomise_batchnorm(TinyResNet()), tmp_path / "r.onnx", 32)
+    layer = "/layer2/relu_1/Relu_output_0"
+    plain, portable = onnxcam.augment(path, layer=layer), onnxcam.augment(path, layer=layer, portable=True)
+    assert shared_conv_weights(plain) and not shared_conv_weights(portable)
+    x = {"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32),
+         "onnxcam_class": np.full(2, -1, np.int64)}
+    maps = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["onnxcam_cam"], x)[0]
+            for m in (plain, portable)]
+    assert maps[0].max() > 0.5
+    np.testing.assert_array_equal(maps[0], maps[1])

@@ -60,7 +60,7 @@ def augment(model, layer: Union[str, Sequence[str], None] = None, method: Union[
             counterfactual: Optional[bool] = None, target: Optional[str] = None,
             target_options: Optional[dict] = None, activation_layout_hint: Optional[str] = None,
             token_grid=None, method_options: Optional[dict] = None, spec: Optional[ExplainSpec] = None,
-            name: Optional[str] = None, inplace: bool = False) -> onnx.ModelProto:
+            name: Optional[str] = None, inplace: bool = False, portable: bool = False) -> onnx.ModelProto:
     """Return a copy of `model` (path or ModelProto) that also computes its explanation.
 
     The explanation is an ExplainSpec (`spec`), or built from the keyword arguments (which
@@ -70,6 +70,9 @@ def augment(model, layer: Union[str, Sequence[str], None] = None, method: Union[
     token_grid, method_options. Unset ones take ExplainSpec's defaults.
     name: how error messages call the model (default: its path).
     inplace: edit a given ModelProto instead of a copy (saves a copy of the weights).
+    portable: give backward convolutions their own copy of weights they share with forward ones
+    (OpenVINO computes that pattern wrongly; see onnxcam/portable.py): correct everywhere, at the
+    memory cost of those weights; ONNX Runtime's results are unchanged.
     """
     spec = ExplainSpec.build(spec, methods=method, layers=layer, output=output, vjp=vjp,
                              keep_probabilities=keep_probabilities, counterfactual=counterfactual, target=target,
@@ -89,6 +92,9 @@ def augment(model, layer: Union[str, Sequence[str], None] = None, method: Union[
         first_node, first_initializer = len(proto.graph.node), len(proto.graph.initializer)
         build(proto, spec, str(label))
         prune_unused(proto.graph, first_node, first_initializer)
+        if portable:
+            from ..portable import separate_conv_weights
+            separate_conv_weights(proto, inplace=True)
         return proto
 
 
