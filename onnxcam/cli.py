@@ -268,6 +268,10 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
     if max_pixels is not None and max_pixels < 1:
         raise UsageError(f"--max-pixels must be at least 1, got {max_pixels}")
     inputs = load_inputs(extra_inputs)
+    from .install import duplicate_ort_message
+    duplicate = duplicate_ort_message()
+    if duplicate:
+        _warn(duplicate)
     spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options)
     explainer = Explainer(model, spec=spec, providers=[provider] if provider else None)
     n_classes = getattr(explainer, "n_classes", None)
