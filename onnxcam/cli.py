@@ -288,7 +288,7 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
                                   top_k=top_k, batch_size=batch_size, alpha=alpha, colormap=colormap,
                                   max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
                                   inputs=inputs, on_warning=_warn, progress=progress_bar, save_npy=save_npy,
-                                  overwrite=overwrite, report=report, on_info=lambda m: _say("note", m))
+                                  overwrite=overwrite, report=report, on_info=click.echo)
     except PartialRunError as exc:  # what succeeded is written: show it, then fail
         records, failure = exc.records, exc
     except BaseException:
