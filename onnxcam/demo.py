@@ -43,7 +43,7 @@ def run_demo(out_dir="onnxcam-demo", method="gradcam", provider=None, model_path
     sources = [Source(f"skimage.data.{name}()", name, image) for name, image in photos]
     # The demo's folder is its own: a second demo run replaces the first one's files.
     records = explain_sources(explainer, sources, out_dir, preset=demo_export.PRESET, overwrite=True, report=True,
-                              on_warning=lambda m: click.echo(f"onnxcam: warning: {m}", err=True))
+                              on_warning=lambda m: click.echo(f"onnxcam: warning: {m}", err=True), on_info=click.echo)
     click.echo(f"model: {model}  method: {method}  layer: {','.join(explainer.layers)}  "
                f"providers: {','.join(explainer.providers)}\n")
     click.echo(records_table(records))

@@ -100,10 +100,12 @@ table.options td, table.options th {{ padding: 1px 10px 1px 0; text-align: left;
 table.options td {{ font-family: monospace; word-break: break-all; }}
 section.image {{ background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 1em; margin: 1em 0; }}
 .row {{ display: flex; gap: 1.5em; flex-wrap: wrap; align-items: flex-start; }}
+.side {{ flex: 0 0 200px; }} .side img {{ width: 200px; height: auto; }}
+table.grid img {{ width: 200px; height: auto; }}
 table.grid {{ border-collapse: collapse; }}
 table.grid th {{ font-weight: 600; padding: 2px 6px; text-align: left; vertical-align: bottom; }}
 table.grid td {{ padding: 3px; vertical-align: top; }}
-table.grid th.class {{ vertical-align: middle; max-width: 12em; }}
+table.grid th.class {{ vertical-align: middle; width: 10em; }}
 img {{ display: block; border-radius: 3px; }}
 .zero {{ color: #b00; font-size: .85em; }}
 ol.top {{ margin: 0; padding-left: 1.4em; }}
@@ -217,11 +219,11 @@ def _image_block(out: Path, index: int, image: str, rows: List[dict]) -> str:
     photo = ""
     if rows[0].get("photo_thumbnail"):
         src = rows[0]["photo_thumbnail"]
-        photo = (f'<div><img src="{_href(out, src)}" loading="lazy" decoding="async"'
+        photo = (f'<img src="{_href(out, src)}" loading="lazy" decoding="async"'
                  + (f' width="{size[0]}" height="{size[1]}"' if size[0] else "")
-                 + f' alt="{_e(Path(image).name)}"><small>photo</small></div>')
+                 + f' alt="{_e(Path(image).name)}"><small>photo</small>')
     top = rows[0].get("top") or []
     ranked = "".join(f"<li>{_e(c)} {_e(label)} <small>p = {float(p):.3f}</small></li>" for c, label, p in top)
-    top_html = f'<div><b>top classes</b><ol class="top">{ranked}</ol></div>' if ranked else ""
+    top_html = f'<p><b>top classes</b></p><ol class="top">{ranked}</ol>' if ranked else ""
     return (f'<section class="image" id="img{index}"><h2>{_e(image)}</h2>'
-            f'<div class="row">{photo}{grid}{top_html}</div></section>')
+            f'<div class="row"><div class="side">{photo}{top_html}</div>{grid}</div></section>')
