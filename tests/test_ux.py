@@ -88,6 +88,13 @@ def test_files_are_never_silently_overwritten(work):
     assert {"a_1_gradcam.png", "a_1_layercam.png"} <= set(files(work["out"]))
     assert (work["out"] / "a_1_gradcam.png").read_bytes() == first
     assert [r["method"] for r in summary(work["out"])] == ["layercam"]
+    # two photos with one stem: the second's files get a suffix, and the run says so
+    write_photo(work["photos"] / "a.jpg", seed=5)
+    twins = cli("explain", work["model"], work["photos"] / "a.png", work["photos"] / "a.jpg", "-o",
+                work["dir"] / "twins", "--class", "1")
+    assert twins.exit_code == 0, twins.output
+    assert "two images are named 'a'" in twins.stderr and "a-2_" in twins.stderr
+    assert {"a_1_gradcam.png", "a-2_1_gradcam.png"} <= set(files(work["dir"] / "twins"))
 
 
 # ---------------------------------------------------------------- the 14 points

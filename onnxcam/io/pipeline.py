@@ -356,6 +356,9 @@ class ExplainRun:
         while candidate in self._stems:
             n += 1
             candidate = f"{stem}-{n}"
+        if candidate != stem:
+            self.on_warning(f"two images are named {stem!r} (in different folders or formats): the files of the later "
+                            f"one are named {candidate}_...")
         self._stems.add(candidate)
         return candidate
 
