@@ -156,8 +156,9 @@ def layers(model, output, keep_probabilities, size, ops, min_size, pattern):
     if rows:
         click.echo(table(rows, ("", "tensor", "node", "op", "shape", "h x w")))
     shown = f"{len(rows)} of {len(found)}" if len(rows) != len(found) else f"{len(found)}"
-    click.echo(f"\n{shown} candidate layer(s) at input size {h}x{w} pixels (--size to change); "
-               "* = the one --layer auto picks")
+    where = (f"at input size {h}x{w} pixels (--size to change)" if shapes else
+             "with their declared shapes (one run on zeros did not work to measure them)")
+    click.echo(f"\n{shown} candidate layer(s) {where}; * = the one --layer auto picks")
 
 
 def _spatial_size(shape):

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
 

@@ -144,6 +144,7 @@ class ExplainRun:
         self.on_image_error = on_image_error or on_warning
         self.inputs = dict(inputs or {})  # extra run-time feeds (target inputs, a model's other inputs)
         self.layers = list(explainer.layers)
+        self.layer_tokens = _unique_tokens(self.layers)  # layer name -> its part of file names
         self.methods = list(getattr(explainer, "methods", None) or [getattr(explainer, "method", "")])
         self.counterfactual = bool(getattr(getattr(explainer, "spec", None), "counterfactual", False))
         self.options = options
@@ -249,7 +250,7 @@ class ExplainRun:
             heat = np.clip(heat, 0.0, 1.0).astype(np.float32)  # NaN stays NaN
             name = f"{stem}_{k}_{self._method_token(method)}"
             if several_layers and layer != "fused":
-                name += f"_{_file_safe(layer)}"
+                name += f"_{self.layer_tokens[layer]}"
             png = self.out_dir / f"{name}.png"
             npy = None if self.save_npy == "none" else self.out_dir / f"{name}.npy"
             self._claim(png, npy)
@@ -389,6 +390,19 @@ def _file_safe(name: str) -> str:
     return text or "x"
 
 
+def _unique_tokens(names) -> Dict[str, str]:
+    """File-name-safe tokens for names, distinct even when two names differ only in unsafe
+    characters (/a/b and a-b)."""
+    tokens: Dict[str, str] = {}
+    for name in names:
+        token, n = _file_safe(name), 1
+        while token in tokens.values():
+            n += 1
+            token = f"{_file_safe(name)}-{n}"
+        tokens[name] = token
+    return tokens
+
+
 def write_summary(out_dir, records: Sequence[Record], name: str = SUMMARY_NAME) -> Path:
     """All records as JSON lines, written atomically."""
     text = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
@@ -462,12 +476,7 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
     pre = Preprocessor(size=shape, preset=preset, resize=resize, bgr=bgr or None, layout=explainer.layout,
                        channels=explainer.channels)
     labels = labels_for_model(labels_path, getattr(explainer, "n_classes", None), on_warning=on_warning)
-    model_file = getattr(explainer, "label", "model")
-    options = RunOptions(model=str(model_file), model_sha256=file_sha256(model_file) if os.path.isfile(
-        str(model_file)) else None, preset=preset, preset_source=preset_source, size=tuple(shape), resize=resize,
-        layers=tuple(explainer.layers), methods=tuple(getattr(explainer, "methods", [explainer.method])),
-        counterfactual=bool(getattr(getattr(explainer, "spec", None), "counterfactual", False)),
-        target=str(getattr(getattr(explainer, "spec", None), "target", "class")))
+    options = run_options(explainer, preset, preset_source, shape, resize)
     many = len(sources) > 1
     run = ExplainRun(explainer, pre, out_dir, labels=labels, class_index=class_index, top_k=top_k,
                      batch_size=batch_size, alpha=alpha, colormap=colormap, max_pixels=max_pixels, inputs=inputs,
@@ -490,6 +499,16 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
         raise PartialRunError(f"{len(result.failures)} of {len(sources)} images could not be read (see the warnings "
                               f"above); explained the other {len(sources) - len(result.failures)}", result.records)
     return result.records
+
+
+def run_options(explainer, preset: str, preset_source: str, size, resize: str) -> RunOptions:
+    model = str(getattr(explainer, "label", "model"))
+    spec = getattr(explainer, "spec", None)
+    return RunOptions(model=model, model_sha256=file_sha256(model) if os.path.isfile(model) else None, preset=preset,
+                      preset_source=preset_source, size=tuple(size), resize=resize, layers=tuple(explainer.layers),
+                      methods=tuple(getattr(explainer, "methods", None) or [explainer.method]),
+                      counterfactual=bool(getattr(spec, "counterfactual", False)),
+                      target=str(getattr(spec, "target", "class")))
 
 
 def model_preset(explainer) -> Optional[str]:
