@@ -127,6 +127,7 @@ def main(debug):
 @click.option("--grep", "pattern", metavar="TEXT", help="Only layers whose tensor or node name contains TEXT.")
 def layers(model, output, keep_probabilities, size, ops, min_size, pattern):
     """List the layers a CAM can target, with their size at the input size; auto choice marked *."""
+    from .cam.augment import check_reserved_names
     from .cam.layer_sizes import measured_shapes
     from .cam.layers import layers as find_layers
     from .io.pipeline import table
@@ -135,6 +136,7 @@ def layers(model, output, keep_probabilities, size, ops, min_size, pattern):
     if min_size is not None and min_size < 1:
         raise UsageError(f"--min-size must be at least 1, got {min_size}")
     proto = load_model(model)
+    check_reserved_names(proto, str(model))  # an augmented model's layers are the original's: list those
     found = find_layers(proto, output=output, keep_probabilities=keep_probabilities, name=str(model))
     if not found:
         raise UsageError(f"{model}: no 4-D activation feeds the score; nothing to explain with a CAM")

@@ -115,3 +115,12 @@ def test_report_refuses_to_overwrite(run):
     result = CliRunner().invoke(main, ["explain", str(run["model"]), str(run["photos"] / "p0.png"), "-o",
                                        str(run["out"]), "--report"])
     assert result.exit_code == 1 and "exists" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_a_page_of_sections_only(tmp_path):
+    """An evaluate run may have plots and no overlays: the page still holds its options and sections."""
+    cv2.imwrite(str(tmp_path / "curve.png"), np.full((30, 50, 3), 90, np.uint8))
+    page = write_report(tmp_path, [], {"model": "m.onnx", "methods": ["gradcam", "layercam"]},
+                        extra_sections=[Section("Insertion", images=[(str(tmp_path / "curve.png"), "insertion")])])
+    text = page.read_text()
+    assert "<td>gradcam, layercam</td>" in text and 'src="curve.png"' in text and 'class="image"' not in text

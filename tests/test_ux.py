@@ -141,6 +141,8 @@ def test_3_augmented_model_refused_up_front(work):
         assert result.exit_code == 2, result.output
         assert "already augmented by onnxcam" in result.stderr and "the original model" in result.stderr
     assert not (work["dir"] / "mm.onnx").exists()
+    listed = cli("layers", aug)
+    assert listed.exit_code == 2 and "already augmented by onnxcam" in listed.stderr
 
 
 @pytest.mark.parametrize("name", ["onnxcam_cam", "onnxcam_class", "onnxcam_score"])
