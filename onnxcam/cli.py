@@ -248,9 +248,17 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
               show_default=True, help="The raw map at the photo's resolution: float32, float16 (half the size) or none.")
 @click.option("--report", is_flag=True, help="Also write index.html: every map side by side, with the options used.")
 @click.option("--overwrite", is_flag=True, help="Replace files of an earlier run in the output folder (default: refuse).")
+@click.option("--engine", type=click.Choice(("local", "ray")), default="local", show_default=True,
+              help="local: this process; ray: Ray Data actors (pip install \"onnxcam[ray]\"), one Explainer each.")
+@click.option("--ray-address", metavar="ADDR", default=None,
+              help="Ray cluster to join (auto, ray://host:10001); default: a local Ray instance.")
+@click.option("--actors", default=1, show_default=True, type=int, metavar="K", help="Ray actors (Explainers) at once.")
+@click.option("--gpus-per-actor", default=0.0, show_default=True, type=float, metavar="G",
+              help="GPUs per Ray actor (CUDA through ONNX Runtime).")
 def explain(model, images, out_dir, class_index, top_k, method, layer, output, preset, size, resize, bgr,
             labels_path, batch_size, provider, alpha, colormap, max_pixels, keep_probabilities, counterfactual,
-            target, target_options, extra_inputs, save_npy, report, overwrite):
+            target, target_options, extra_inputs, save_npy, report, overwrite, engine, ray_address, actors,
+            gpus_per_actor):
     """Explain photos with MODEL: an overlay PNG and a .npy map per image, class and method, and summary.jsonl."""
     from .io.files import ensure_output_dir
     from .io.images import DEFAULT_MAX_PIXELS, list_images
@@ -263,10 +271,13 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     if class_index is not None and class_index < 0:
         raise UsageError(f"--class must be a class index >= 0, got {class_index}")
-    found = list_images(images)
+    parquet = len(images) == 1 and str(images[0]).endswith(".parquet")
+    if parquet and engine != "ray":
+        raise UsageError("a Parquet table of images is read by the Ray engine: add --engine ray")
+    found = list_images([] if parquet else images)
     if found.skipped:
         _warn(f"skipped {len(found.skipped)} file(s) that are not images (e.g. {found.skipped[0]})")
-    if not found.images:
+    if not found.images and not parquet:
         raise UsageError(f"no images found in {', '.join(map(str, images))}")
     if max_pixels is not None and max_pixels < 1:
         raise UsageError(f"--max-pixels must be at least 1, got {max_pixels}")
@@ -276,6 +287,25 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
     if duplicate:
         _warn(duplicate)
     spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options)
+    if engine == "ray":
+        from . import ray as on_ray
+
+        try:
+            records = on_ray.explain(model, images[0] if len(images) == 1 else list(images), out_dir, spec=spec,
+                                     actors=actors, gpus_per_actor=gpus_per_actor, address=ray_address,
+                                     providers=[provider] if provider else None, batch_size=batch_size, preset=preset,
+                                     size=size, resize=resize, bgr=bgr, labels_path=labels_path,
+                                     class_index=class_index, top_k=top_k, alpha=alpha, colormap=colormap,
+                                     max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, inputs=inputs,
+                                     on_warning=_warn, save_npy=save_npy, overwrite=overwrite, report=report)
+        except PartialRunError as exc:  # what succeeded is written: show it, then fail
+            click.echo(records_table(exc.records))
+            raise
+        click.echo(records_table(records))
+        click.echo(f"\nwrote {len(records)} overlay(s) and map(s), {Path(out_dir) / 'summary.jsonl'} and "
+                   f"{Path(out_dir) / 'summary.parquet'} (Ray, {actors} actor(s))"
+                   + (f"; report: {Path(out_dir) / 'index.html'}" if report else ""))
+        return
     explainer = Explainer(model, spec=spec, providers=[provider] if provider else None)
     n_classes = getattr(explainer, "n_classes", None)
     if class_index is not None and n_classes and class_index >= n_classes:

@@ -200,6 +200,9 @@ class Explainer:
         declared = {i.name: i for i in list(session.get_inputs()) + list(session.get_overridable_initializers())}
         feeds = {}
         for name, value in (inputs or {}).items():
+            if name == self.input_name:
+                raise InputError(f"inputs= names the image input {name!r}: the images are the batch itself "
+                                 "(CLI: the IMAGE arguments), not an extra input")
             if name not in declared:
                 raise InputError(f"the explained model has no input {name!r}; inputs are {', '.join(declared)}")
             ort_type = declared[name].type  # "tensor(float16)"...

@@ -63,8 +63,6 @@ def list_images(paths) -> ImageList:
 
 def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read `path` as uint8 RGB [H, W, 3]; raise ImageError naming the file if that is impossible."""
-    import cv2
-
     path = Path(os.fspath(path))
     try:
         data = path.read_bytes()
@@ -74,6 +72,14 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{path}: is a directory, not an image") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_image(data, path, max_pixels)
+
+
+def decode_image(data: bytes, name, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG...) as uint8 RGB [H, W, 3]; errors name `name`."""
+    import cv2
+
+    path = name
     if not data:
         raise ImageError(f"{path}: the file is empty (0 bytes)")
     truncated = _truncation(data)

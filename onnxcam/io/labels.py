@@ -81,14 +81,16 @@ def labels_for_model(path, n_classes, on_warning=lambda message: None):
     """The labels to print for a model with `n_classes` outputs (None when unknown).
 
     Without a file: the ImageNet names for 1000 classes, and for 1001 with a background class
-    first (TensorFlow's slim models); no names for other class counts.
+    first (TensorFlow's slim models); no names for other class counts, nor when the count is not
+    known before running (a dynamic class axis, a segmenter's or detector's output): a name from
+    the wrong list is worse than none.
     """
     if path is not None:
         names = load_labels(path)
         if n_classes and len(names) != n_classes:
             on_warning(f"{path}: holds {len(names)} labels but the model has {n_classes} classes")
         return names
-    if n_classes in (None, 1000):
+    if n_classes == 1000:
         return imagenet_labels()
     if n_classes == 1001:
         return ["background"] + imagenet_labels()

@@ -88,7 +88,7 @@ class Record:
     all_zero: bool = False
     thumbnail: Optional[str] = None  # the overlay, small (the report's grid)
     photo_thumbnail: Optional[str] = None  # the photo, small
-    top: List[list] = field(default_factory=list)  # [[class, label, probability], ...] best first
+    top: List[dict] = field(default_factory=list)  # [{"class_index", "label", "probability"}, ...] best first
     options: Dict[str, object] = field(default_factory=dict)  # RunOptions.as_dict()
 
 
@@ -333,12 +333,13 @@ class ExplainRun:
         e = np.exp(row - row.max())
         return e / e.sum()
 
-    def _top_classes(self, res, i) -> List[list]:
+    def _top_classes(self, res, i) -> List[dict]:
         probabilities = self._probabilities(res, i)
         if probabilities is None:
             return []
         order = np.argsort(-probabilities, kind="stable")[:TOP_CLASSES]
-        return [[int(c), label_for(self.labels, int(c)), round(float(probabilities[c]), 6)] for c in order]
+        return [{"class_index": int(c), "label": label_for(self.labels, int(c)),
+                 "probability": round(float(probabilities[c]), 6)} for c in order]
 
     def _photo_thumbnail(self, stem: str, photo) -> Optional[str]:
         return self._thumbnail(f"{stem}_photo", photo)
@@ -421,6 +422,18 @@ def file_sha256(path) -> Optional[str]:
     return digest.hexdigest()
 
 
+def refuse_earlier_run(out_dir, overwrite: bool, report: bool) -> None:
+    """An earlier run's summary (or report) in the output folder: refuse before any work, unless
+    --overwrite (re-running with another --method must not replace the first run's summary)."""
+    if overwrite:
+        return
+    out_dir = Path(os.fspath(out_dir))
+    for path in [out_dir / SUMMARY_NAME] + ([out_dir / "index.html"] if report else []):
+        if path.exists():
+            raise OutputError(f"{path}: exists (from an earlier run?); choose another --out-dir or pass --overwrite "
+                              "to replace the earlier results")
+
+
 def choose_preset(explainer, preset: Optional[str]) -> Tuple[str, str]:
     """(preset, who chose it): the one asked for, else the model's metadata, else imagenet."""
     if preset:
@@ -460,13 +473,7 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
     from .preprocess import input_size
 
     out_dir = Path(os.fspath(out_dir))
-    summary = out_dir / SUMMARY_NAME
-    if summary.exists() and not overwrite:
-        raise OutputError(f"{summary}: exists (from an earlier run?); choose another --out-dir or pass --overwrite "
-                          "to replace the earlier results")
-    page = out_dir / "index.html"
-    if report and page.exists() and not overwrite:
-        raise OutputError(f"{page}: exists (from an earlier run?); choose another --out-dir or pass --overwrite")
+    refuse_earlier_run(out_dir, overwrite, report)
     preset, preset_source = choose_preset(explainer, preset)
     on_info(preset_note(preset, preset_source))
     if preset_source == "default":

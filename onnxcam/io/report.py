@@ -223,7 +223,8 @@ def _image_block(out: Path, index: int, image: str, rows: List[dict]) -> str:
                  + (f' width="{size[0]}" height="{size[1]}"' if size[0] else "")
                  + f' alt="{_e(Path(image).name)}"><small>photo</small>')
     top = rows[0].get("top") or []
-    ranked = "".join(f"<li>{_e(c)} {_e(label)} <small>p = {float(p):.3f}</small></li>" for c, label, p in top)
+    ranked = "".join(f"<li>{_e(t['class_index'])} {_e(t['label'])} <small>p = {float(t['probability']):.3f}</small></li>"
+                     for t in top)
     top_html = f'<p><b>top classes</b></p><ol class="top">{ranked}</ol>' if ranked else ""
     return (f'<section class="image" id="img{index}"><h2>{_e(image)}</h2>'
             f'<div class="row"><div class="side">{photo}{top_html}</div>{grid}</div></section>')
