@@ -408,14 +408,17 @@ class PrecisionWarning(UserWarning):
 
 
 def _first(result: ExplainResult, k: int) -> ExplainResult:
-    """The results of the first k images of a batch (drops a padded chunk's copies)."""
+    """The results of the first k images of a batch (drops a padded chunk's copies): every array
+    field, and every array in a dict field, cut along the batch axis."""
+    from dataclasses import fields
+
     def cut(v):
-        return None if v is None else v[:k]
-    return ExplainResult(cam=cut(result.cam), class_index=cut(result.class_index), score=cut(result.score),
-                         outputs={n: cut(v) for n, v in result.outputs.items()}, layer_cams=cut(result.layer_cams),
-                         extras={n: cut(v) for n, v in result.extras.items()},
-                         cams={n: cut(v) for n, v in result.cams.items()},
-                         method_layer_cams={n: cut(v) for n, v in result.method_layer_cams.items()})
+        return v[:k] if isinstance(v, np.ndarray) and v.ndim else v
+    values = {}
+    for f in fields(result):
+        v = getattr(result, f.name)
+        values[f.name] = {n: cut(a) for n, a in v.items()} if isinstance(v, dict) else cut(v)
+    return ExplainResult(**values)
 
 
 def _concat(parts: List[ExplainResult]) -> ExplainResult:
