@@ -233,7 +233,9 @@ class ExplainRun:
             if per_layer is None and method == self.methods[0]:
                 per_layer = res.layer_cams
             several = per_layer is not None and len(self.layers) > 1
-            out.append((method, "fused" if several else (self.layers[0] if self.layers else ""), cam[i]))
+            # a method without layer maps over several layers (an input-space one) names no layer
+            only = self.layers[0] if len(self.layers) == 1 and per_layer is None else ""
+            out.append((method, "fused" if several else only, cam[i]))
             if several:
                 out.extend((method, layer, per_layer[i, j]) for j, layer in enumerate(self.layers))
         return out
@@ -334,6 +336,8 @@ class ExplainRun:
         return e / e.sum()
 
     def _top_classes(self, res, i) -> List[dict]:
+        if getattr(getattr(self.explainer, "spec", None), "target", "class") != "class":
+            return []  # a detector's or an embedding's 2-D output holds no classes to rank
         probabilities = self._probabilities(res, i)
         if probabilities is None:
             return []
