@@ -69,6 +69,13 @@ def test_several_methods_layers_file_names_and_the_recorded_options(work):
     assert options["onnxcam_version"] == onnxcam.__version__
     # the per-layer maps are real and differ between layers (r1 is 32x32, r2 is 16x16)
     r1, r2 = np.load(work["out"] / "a_2_gradcam_r1.npy"), np.load(work["out"] / "a_2_gradcam_r2.npy")
+    # an input-space method beside layer methods over several layers: one map, no layer in its name
+    mixed = cli("explain", work["model"], work["photos"] / "a.png", "-o", work["dir"] / "mixed", "--method",
+                "gradcam,saliency", "--layer", "r1", "--layer", "r2", "--class", "2", "--size", "32", "32")
+    assert mixed.exit_code == 0, mixed.output
+    assert {(r["method"], r["layer"]) for r in summary(work["dir"] / "mixed")} == {
+        ("gradcam", "fused"), ("gradcam", "r1"), ("gradcam", "r2"), ("saliency", "")}
+    assert (work["dir"] / "mixed" / "a_2_saliency.npy").is_file()
     assert r1.shape == r2.shape == (48, 64) and r1.max() > 0.5 and r2.max() > 0.5
     assert np.abs(r1 - r2).max() > 0.05
 

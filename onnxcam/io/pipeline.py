@@ -251,7 +251,7 @@ class ExplainRun:
             heat = geometry.to_original(cam, outside=np.nan)
             heat = np.clip(heat, 0.0, 1.0).astype(np.float32)  # NaN stays NaN
             name = f"{stem}_{k}_{self._method_token(method)}"
-            if several_layers and layer != "fused":
+            if several_layers and layer not in ("fused", ""):
                 name += f"_{self.layer_tokens[layer]}"
             png = self.out_dir / f"{name}.png"
             npy = None if self.save_npy == "none" else self.out_dir / f"{name}.npy"
