@@ -13,6 +13,9 @@ def __getattr__(name):
     if name == "layers":
         from .cam.layers import layers
         return layers
+    if name == "preprocess":
+        from .io.prepare import preprocess
+        return preprocess
     if name == "Explainer":
         from .runtime import Explainer
         return Explainer

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from .errors import ImageError, UsageError
-from .io.pipeline import Record, Source, write_summary
+from .io.pipeline import PartialRunError, Record, Source, file_sha256, refuse_earlier_run, write_summary
 from .spec import ExplainSpec
 
 PARQUET_SUMMARY = "summary.parquet"
@@ -35,6 +35,7 @@ def explain(model, images: Union[str, os.PathLike, Sequence], out_dir, *, spec: 
             providers=None, threads: Optional[int] = None, batch_size: int = 8, preset=None, size=None,
             resize="direct", bgr=None, labels_path=None, class_index=None, top_k=None, alpha=0.5,
             colormap="jet", max_pixels=None, inputs=None, on_warning: Callable[[str], None] = lambda m: None,
+            save_npy: str = "float32", overwrite: bool = False, report: bool = False,
             **spec_arguments) -> List[Record]:
     """Explain `images` (a folder, a list of paths, or a .parquet table) on Ray; returns the
     summary records in input order. `address`: a Ray cluster ("auto", "ray://host:10001"); None
@@ -53,10 +54,15 @@ def explain(model, images: Union[str, os.PathLike, Sequence], out_dir, *, spec: 
                  **({} if address else {"num_cpus": max(int(actors * cpus_per_actor), 1)}))
     model_ref = _model_reference(ray, model)
     out_dir = Path(os.fspath(out_dir)).resolve()
+    refuse_earlier_run(out_dir, overwrite, report)
     out_dir.mkdir(parents=True, exist_ok=True)
+    import onnx
+
+    label = "model" if isinstance(model, onnx.ModelProto) else str(model)
     options = dict(preset=preset, size=size, resize=resize, bgr=bgr, labels_path=labels_path,
                    class_index=class_index, top_k=top_k, alpha=alpha, colormap=colormap, max_pixels=max_pixels,
-                   inputs=inputs, batch_size=batch_size)
+                   inputs=inputs, batch_size=batch_size, save_npy=save_npy, overwrite=overwrite, report=report,
+                   model_label=label, model_sha256=file_sha256(label) if os.path.isfile(label) else None)
     if gpus_per_actor and providers is None:
         providers = ["cuda"]
     dataset = _dataset(ray, images, table)
@@ -76,11 +82,15 @@ def explain(model, images: Union[str, os.PathLike, Sequence], out_dir, *, spec: 
     if records:
         write_summary(out_dir, records)
         _write_parquet(out_dir / PARQUET_SUMMARY, records)
+        if report:
+            from .io.report import write_report
+
+            write_report(out_dir, records, records[0].options)
     if failures:
         if len(table) == 1:
             raise ImageError(failures[0])
-        raise ImageError(f"{len(failures)} of {len(table)} images could not be read (see the warnings above); "
-                         f"explained the other {len(table) - len(failures)}")
+        raise PartialRunError(f"{len(failures)} of {len(table)} images could not be read (see the warnings above); "
+                              f"explained the other {len(table) - len(failures)}", records)
     return records
 
 
@@ -91,7 +101,7 @@ class _ExplainActor:
         import onnx
 
         from .io.labels import labels_for_model
-        from .io.pipeline import ExplainRun, model_preset
+        from .io.pipeline import ExplainRun, choose_preset, run_options
         from .io.preprocess import Preprocessor, input_size
         from .runtime import Explainer
 
@@ -100,14 +110,19 @@ class _ExplainActor:
             model = onnx.load_from_string(ray.get(model))
         self.explainer = Explainer(model, spec=spec, providers=providers, threads=threads)
         e = self.explainer
-        pre = Preprocessor(size=input_size(e.input_shape, e.layout, options["size"]),
-                           preset=options["preset"] or model_preset(e) or "imagenet", resize=options["resize"],
-                           bgr=options["bgr"] or None, layout=e.layout, channels=e.channels)
+        preset, preset_source = choose_preset(e, options["preset"])
+        shape = input_size(e.input_shape, e.layout, options["size"])
+        pre = Preprocessor(size=shape, preset=preset, resize=options["resize"], bgr=options["bgr"] or None,
+                           layout=e.layout, channels=e.channels)
+        run = replace(run_options(e, preset, preset_source, shape, options["resize"]), model=options["model_label"],
+                      model_sha256=options["model_sha256"])
         labels = labels_for_model(options["labels_path"], getattr(e, "n_classes", None))
         self.max_pixels = options["max_pixels"]
         self.run = ExplainRun(e, pre, out_dir, labels=labels, class_index=options["class_index"],
                               top_k=options["top_k"], batch_size=options["batch_size"], alpha=options["alpha"],
-                              colormap=options["colormap"], max_pixels=self.max_pixels, inputs=options["inputs"])
+                              colormap=options["colormap"], max_pixels=self.max_pixels, inputs=options["inputs"],
+                              options=run, save_npy=options["save_npy"], overwrite=options["overwrite"],
+                              thumbnails=options["report"])
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Explain one batch as the single-machine run does (one Explainer call per batch)."""

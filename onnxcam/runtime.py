@@ -100,6 +100,9 @@ class Explainer:
         x = self._check_input(x)
         n = x.shape[0]
         classes = self._check_classes(class_index, n)
+        fixed = self._fixed_batch
+        if fixed and n != fixed:
+            return self._in_fixed_chunks(x, classes, inputs, fixed)
         if batch_size and n > batch_size:
             def part(v, i):
                 return v[i:i + batch_size] if np.ndim(v) and np.shape(v)[0] == n else v
@@ -131,6 +134,31 @@ class Explainer:
                              layer_cams=values.get(LAYER_CAMS_OUTPUT),
                              extras={k: values[k] for k in self.extra_outputs}, cams=cams,
                              method_layer_cams={m: values[o] for m, o in self._method_layer_outputs.items()})
+
+    @property
+    def _fixed_batch(self) -> Optional[int]:
+        """The batch size the model was exported with, when it is fixed (1, 4...), else None."""
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) and b > 0 else None
+
+    def _in_fixed_chunks(self, x, classes, inputs, fixed: int) -> ExplainResult:
+        """A fixed-batch model explains any number of images: chunks of its batch size, the last
+        one padded with copies of its last image (their results are dropped)."""
+        n = x.shape[0]
+
+        def chunk(v, i):
+            if not (np.ndim(v) and np.shape(v)[0] == n):
+                return v  # one value for every image
+            part = np.asarray(v[i:i + fixed])
+            missing = fixed - part.shape[0]
+            return np.concatenate([part, np.repeat(part[-1:], missing, axis=0)]) if missing else part
+
+        parts = []
+        for i in range(0, n, fixed):
+            part = self(chunk(x, i), None if classes is None else chunk(classes, i),
+                        inputs={k: chunk(v, i) for k, v in (inputs or {}).items()})
+            parts.append(_first(part, min(fixed, n - i)))
+        return _concat(parts)
 
     def _automatic_choices(self, feeds, n: int) -> Dict[str, np.ndarray]:
         """The automatic value of every run-time choice input the caller left out (the model's
@@ -190,11 +218,16 @@ class Explainer:
         if x.ndim != 4:
             raise InputError(f"input {self.input_name!r} must be a 4-D batch ({self.layout}); got shape {x.shape}")
         for axis, d in enumerate(self.input_shape):
-            if isinstance(d, int) and d > 0 and x.shape[axis] != d:
+            if axis > 0 and isinstance(d, int) and d > 0 and x.shape[axis] != d:  # a fixed batch is chunked
                 raise InputError(f"input {self.input_name!r} expects shape {self.input_shape} ({self.layout}); "
                                  f"got {x.shape}")
         if not np.issubdtype(x.dtype, np.floating):
             raise InputError(f"input {self.input_name!r} must be floating point; got {x.dtype}")
+        if x.dtype == np.float64 and self._np_dtype != np.float64:
+            import warnings
+            warnings.warn(f"onnxcam: input {self.input_name!r} is {x.dtype}; converted to {np.dtype(self._np_dtype)}, "
+                          "the model's input type (values beyond its precision are rounded; pass "
+                          f"{np.dtype(self._np_dtype)} to skip the copy)", PrecisionWarning, stacklevel=3)
         x = np.ascontiguousarray(x, dtype=self._np_dtype)
         if not np.all(np.isfinite(x)):
             raise InputError(f"input {self.input_name!r} contains NaN or Inf values")
@@ -368,6 +401,24 @@ def _value_types(type_proto):
 
 
 _ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
+
+
+class PrecisionWarning(UserWarning):
+    """The input was converted to a narrower float type (float64 photos for a float32 model)."""
+
+
+def _first(result: ExplainResult, k: int) -> ExplainResult:
+    """The results of the first k images of a batch (drops a padded chunk's copies): every array
+    field, and every array in a dict field, cut along the batch axis."""
+    from dataclasses import fields
+
+    def cut(v):
+        return v[:k] if isinstance(v, np.ndarray) and v.ndim else v
+    values = {}
+    for f in fields(result):
+        v = getattr(result, f.name)
+        values[f.name] = {n: cut(a) for n, a in v.items()} if isinstance(v, dict) else cut(v)
+    return ExplainResult(**values)
 
 
 def _concat(parts: List[ExplainResult]) -> ExplainResult:

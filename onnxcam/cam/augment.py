@@ -86,6 +86,7 @@ def augment(model, layer: Union[str, Sequence[str], None] = None, method: Union[
     proto = load_model(model)
     if isinstance(model, onnx.ModelProto) and not inplace:
         proto = copy.deepcopy(proto)  # never edit the caller's model
+    check_reserved_names(proto, str(label))
     check_opset(default_opset(proto), str(label))
     check_graph_structure(proto, label)
     with graph_errors(proto, label):
@@ -96,6 +97,28 @@ def augment(model, layer: Union[str, Sequence[str], None] = None, method: Union[
             from ..portable import separate_conv_weights
             separate_conv_weights(proto, inplace=True)
         return proto
+
+
+RESERVED_PREFIX = "onnxcam_"  # the contract's inputs and outputs; onnxcam's own nodes use "onnxcam/"
+
+
+def check_reserved_names(proto: onnx.ModelProto, label: str) -> None:
+    """Refuse, up front, a model onnxcam already augmented, or one whose own tensors use a name the
+    contract reserves: either would give ONNX Runtime two definitions of onnxcam_cam (or
+    onnxcam_class...) and fail late, or silently mean something else."""
+    graph = proto.graph
+    names = ({v.name for v in list(graph.input) + list(graph.output)} | {t.name for t in graph.initializer}
+             | {o for node in graph.node for o in node.output})
+    taken = sorted(n for n in names if n.startswith(RESERVED_PREFIX))
+    recorded = {p.key for p in proto.metadata_props} & {"onnxcam.version", "onnxcam.methods", "onnxcam.layers"}
+    if recorded and taken:
+        raise UsageError(f"{label} is already augmented by onnxcam (its metadata says so; tensors "
+                         f"{', '.join(taken[:3]) or 'onnxcam_*'}): augment or explain the original model instead "
+                         "(an augmented model already returns its maps: run it with ONNX Runtime)")
+    if taken:
+        raise UsageError(f"{label}: the model has tensor(s) named {', '.join(map(repr, taken[:3]))}, and onnxcam "
+                         f"reserves names starting with {RESERVED_PREFIX!r} for the augmented model's inputs and "
+                         "outputs; rename them in the model (e.g. onnx.compose.add_prefix) and try again")
 
 
 def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelProto:

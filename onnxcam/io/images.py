@@ -99,8 +99,16 @@ def _check_pixels(path, width, height, max_pixels) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"{path}: the image has no pixels ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
-                         f"{max_pixels / 1e6:g}; raise it with --max-pixels if you trust the file")
+        raise ImageError(f"{path}: {width}x{height} pixels is {_pixels(width * height)}, over the limit of "
+                         f"{_pixels(max_pixels)} (--max-pixels counts pixels); raise it with --max-pixels "
+                         "if you trust the file")
+
+
+def _pixels(count: int) -> str:
+    """A pixel count with its unit: "24.0 megapixels (24,000,000 pixels)", "1,000 pixels"."""
+    if count >= 100_000:
+        return f"{count / 1e6:.1f} megapixels ({count:,} pixels)"
+    return f"{count:,} pixels"
 
 
 def _truncation(data: bytes) -> str | None:

@@ -94,11 +94,12 @@ class Geometry:
     offset: tuple
     size: tuple
 
-    def to_original(self, cam: np.ndarray) -> np.ndarray:
+    def to_original(self, cam: np.ndarray, outside: float = 0.0) -> np.ndarray:
         """Map a [h, w] map at model-input resolution onto the original image: float32 [H, W].
 
         Pixel centres are matched exactly (the inverse of the forward resize); parts of the
-        original that a centre crop cut away get 0, as the model never saw them.
+        original that a centre crop cut away get `outside` (0 by default; `onnxcam explain` writes
+        NaN there, so "the model never saw this" cannot be read as "no evidence here").
         """
         import cv2
 
@@ -116,8 +117,8 @@ class Geometry:
             xs = (np.arange(ow) + 0.5) / ax
             inside_y = (ys >= top) & (ys <= top + self.size[0])
             inside_x = (xs >= left) & (xs <= left + self.size[1])
-            out[~inside_y, :] = 0.0
-            out[:, ~inside_x] = 0.0
+            out[~inside_y, :] = outside
+            out[:, ~inside_x] = outside
         return out
 
     def crop_box(self) -> tuple:
