@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import NotDifferentiableError, UnsupportedModelError, LayerNotFoundError
 from .emitter import Emitter
+from .graph import captures, node_reads, overridable_initializers, topological
 from .registry import ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
 from .shapes import TensorInfo, infer_infos, make_value_info, probe_infos
 
@@ -169,9 +170,7 @@ def prune_unused(graph, first_new: int, first_new_initializer: int) -> int:
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs read outer names too
-                if attr.g.node:
-                    needed.update(i for n in attr.g.node for i in n.input)
+            needed.update(captures(node))  # subgraphs read outer names too
     kept.reverse()
     del graph.node[first_new:]
     graph.node.extend(kept)
@@ -184,23 +183,8 @@ def prune_unused(graph, first_new: int, first_new_initializer: int) -> int:
 
 # ---------------------------------------------------------------------- graph analysis
 def _topological(graph) -> List[onnx.NodeProto]:
-    """Graph nodes in a topological order (ONNX requires one; some exporters don't honour it)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    remaining, ordered = list(graph.node), []
-    while remaining:
-        progress, rest = False, []
-        for node in remaining:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-                progress = True
-            else:
-                rest.append(node)
-        if not progress:  # cycles or outer-scope names: keep the file's order for the rest
-            ordered.extend(rest)
-            break
-        remaining = rest
-    return ordered
+    """Graph nodes in a topological order (kept under this name: cam/ imports it)."""
+    return topological(graph)
 
 
 def _known_tensors(graph, nodes) -> set:
@@ -218,11 +202,13 @@ def _suggest(name, known) -> str:
 
 class _Constants(dict):
     """Tensor name -> numpy value for everything known before run time. Initializers are decoded
-    only when a rule asks (decoding every weight of VGG16 takes most of a second)."""
+    only when a rule asks (decoding every weight of VGG16 takes most of a second). Initializers
+    that a graph input overrides are left out: the value fed at run time wins over the default."""
 
-    def __init__(self, initializers):
+    def __init__(self, initializers, overridable=frozenset()):
         super().__init__()
-        self._protos = {i.name: i for i in initializers if i.data_location != TensorProto.EXTERNAL}
+        self._protos = {i.name: i for i in initializers
+                        if i.data_location != TensorProto.EXTERNAL and i.name not in overridable}
 
     def __contains__(self, name):
         return dict.__contains__(self, name) or name in self._protos
@@ -245,7 +231,7 @@ class _Constants(dict):
 def _constant_values(graph, nodes) -> Dict[str, np.ndarray]:
     """Values known before run time: initializers, Constant nodes, and small integer arithmetic on
     them (Paddle and TF converters compute Slice/Reshape parameters with Constant nodes)."""
-    values = _Constants(graph.initializer)
+    values = _Constants(graph.initializer, overridable_initializers(graph))
     for node in nodes:
         if node.op_type == "Constant":
             attrs = {a.name: a for a in node.attribute}
@@ -291,12 +277,13 @@ def _differentiable_inputs(node: onnx.NodeProto) -> Sequence[int]:
 
 
 def _forward_active(nodes, targets, infos) -> set:
-    """Floating-point tensors that depend on a target through differentiable inputs."""
+    """Floating-point tensors that depend on a target through differentiable inputs (or through
+    outer names that a control-flow body reads)."""
     active = set(targets)
     for node in nodes:
         if node.op_type in ZERO_GRADIENT_OPS:
             continue
-        if not any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i]):
+        if not _touches(node, active):
             continue
         for out in node.output:
             info = infos.get(out)
@@ -306,7 +293,9 @@ def _forward_active(nodes, targets, infos) -> set:
 
 
 def _touches(node, active) -> bool:
-    return any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i])
+    if any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i]):
+        return True
+    return bool(node.attribute) and any(name in active for name in captures(node))
 
 
 def _feeds(score_tensor, producers) -> set:
@@ -316,8 +305,8 @@ def _feeds(score_tensor, producers) -> set:
         node = producers.get(stack.pop())
         if node is None:
             continue
-        for i in node.input:
-            if i and i not in seen:
+        for i in node_reads(node):
+            if i not in seen:
                 seen.add(i)
                 stack.append(i)
     return seen
@@ -329,6 +318,16 @@ _QUANTIZED.update({op: ": integer output, no gradient" for op in ("ArgMax", "Arg
                                                                    "Cast", "NonZero")})
 
 
+_CONTROL_FLOW = {
+    "If": "control flow (a branch reads the layer) is not differentiated; re-export with the condition fixed "
+          "(a traced torch export keeps only the branch taken) or pick a layer after the If",
+    "Loop": "control flow (the loop body reads the layer) is not differentiated; re-export with the loop "
+            "unrolled (a traced export with a fixed trip count) or pick a layer after the Loop",
+    "Scan": "control flow (the scan body reads the layer) is not differentiated; re-export with the scan "
+            "unrolled or pick a layer after the Scan",
+}
+
+
 def _refuse_missing_rules(path, opset) -> None:
     problems = []
     for node in path:
@@ -338,6 +337,8 @@ def _refuse_missing_rules(path, opset) -> None:
         elif node.op_type in ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QuantizeLinear",
                               "DequantizeLinear", "DynamicQuantizeLinear"):
             problems.append(f"{label}: quantized op; explain the float model instead")
+        elif node.op_type in _CONTROL_FLOW and get_rule(node.op_type) is None:
+            problems.append(f"{label}: {_CONTROL_FLOW[node.op_type]}")
         elif get_rule(node.op_type) is None:
             problems.append(f"{label}: no gradient rule")
     if problems:

@@ -1,0 +1,113 @@
+"""Hostile inputs to the autodiff engine (issue 15): control flow reading outer-scope tensors,
+training-mode Dropout, ties in elementwise Max/Min, initializers a graph input overrides, and
+graphs whose node list is not in topological order."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from harness import make_model, ort_vjp, rel_err, run, torch_vjp
+from onnxcam.autodiff import add_gradients
+from onnxcam.autodiff.graph import captures, overridable_initializers, topological
+from onnxcam.errors import NotDifferentiableError
+
+
+# ------------------------------------------------------------------------------ control flow
+def _branch(name, op, scale):
+    """A body reading `r` from the outer scope (not as a declared input)."""
+    nodes = [helper.make_node(op, ["r", f"{name}_k"], [f"{name}_out"], name=f"{name}_node")]
+    init = [numpy_helper.from_array(np.asarray(scale, np.float32), f"{name}_k")]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+                             init)
+
+
+def _if_model():
+    """r = Relu(x); y = If(c, r*2, r+3) + r: the If's branches read r from the outer scope."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("If", ["c"], ["b"], name="branchy", then_branch=_branch("then", "Mul", 2.0),
+                              else_branch=_branch("else", "Add", 3.0)),
+             helper.make_node("Add", ["b", "r"], ["y"], name="sum")]
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    model = make_model(nodes, {"x": x, "c": np.array(True)}, ["y"])
+    return model, x
+
+
+def test_if_reading_the_target_from_the_outer_scope_is_refused_naming_the_node():
+    model, x = _if_model()
+    assert run(model, {"x": x, "c": np.array(True)})["y"] == pytest.approx(3 * np.maximum(x, 0))
+    with pytest.raises(NotDifferentiableError) as info:
+        add_gradients(model, ["r"], "y")
+    message = str(info.value)
+    assert "'branchy'" in message and "If" in message and "re-export" in message
+
+
+def _loop_model():
+    """A Loop whose body adds r (an outer-scope tensor) to the carried value twice."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["acc_in", "r"], ["acc_out"], name="body_add")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["x", "zero"], ["acc0"], name="zeros"),
+             helper.make_node("Loop", ["trips", "", "acc0"], ["y"], name="looper", body=body)]
+    x = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
+    model = make_model(nodes, {"x": x}, ["y"], initializers={"trips": np.array(2, np.int64),
+                                                             "zero": np.array(0.0, np.float32)})
+    return model, x
+
+
+def test_loop_reading_the_target_is_refused_not_called_independent():
+    model, x = _loop_model()
+    assert rel_err(run(model, {"x": x})["y"], 2 * np.maximum(x, 0)) < 1e-6
+    with pytest.raises(NotDifferentiableError) as info:
+        add_gradients(model, ["r"], "y")
+    message = str(info.value)
+    assert "'looper'" in message and "Loop" in message and "unrolled" in message
+    assert "does not depend" not in message
+
+
+def test_captures_are_found_at_any_depth():
+    model, _ = _if_model()
+    assert captures(model.graph.node[1]) == {"r"}
+    outer = helper.make_node("If", ["c"], ["z"], then_branch=helper.make_graph(
+        [model.graph.node[1]], "nest", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)]),
+        else_branch=_branch("other", "Mul", 1.0))
+    assert captures(outer) == {"r", "c"}
+
+
+def test_topological_order_waits_for_what_a_branch_reads():
+    model, _ = _if_model()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([nodes[1], nodes[2], nodes[0]])  # If first: it reads r, made by the last node
+    order = [n.name for n in topological(model.graph)]
+    assert order == ["relu", "branchy", "sum"]
+
+
+def test_topological_order_of_a_reversed_chain_and_file_order_among_ready_nodes():
+    n = 3000
+    nodes = [helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(n)]
+    side = [helper.make_node("Neg", ["t0"], [f"s{j}"], name=f"s{j}") for j in range(3)]
+    graph = helper.make_graph(list(reversed(nodes)) + side, "g",
+                              [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])], [])
+    order = [node.name for node in topological(graph)]
+    assert order[0] == "n0"
+    positions = {name: i for i, name in enumerate(order)}
+    assert all(positions[f"n{i}"] < positions[f"n{i + 1}"] for i in range(n - 1))
+    # ready at the start: n0 (file position n-1) and the side nodes after it: kept in file order
+    assert order.index("s0") < order.index("s1") < order.index("s2")
+    assert len(order) == n + 3
+
+
+def test_a_cycle_keeps_the_rest_in_file_order():
+    nodes = [helper.make_node("Relu", ["b"], ["a"], name="one"), helper.make_node("Relu", ["a"], ["b"], name="two"),
+             helper.make_node("Relu", ["x"], ["c"], name="free")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [])
+    assert [n.name for n in topological(graph)] == ["free", "one", "two"]
