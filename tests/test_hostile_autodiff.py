@@ -111,3 +111,59 @@ def test_a_cycle_keeps_the_rest_in_file_order():
              helper.make_node("Relu", ["x"], ["c"], name="free")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [])
     assert [n.name for n in topological(graph)] == ["free", "one", "two"]
+
+
+# ------------------------------------------------------------------------------ overridable weights
+def test_an_initializer_that_is_also_a_graph_input_uses_the_fed_value():
+    """keep_initializers_as_inputs: BatchNorm's scale is stored and declared as an input; the
+    value fed at run time drives the forward pass, and must drive the gradient too."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    default = np.array([1.0, 2.0, 3.0], np.float32)
+    fed = np.array([-0.5, 4.0, 0.25], np.float32)
+    bias, mean, var = np.zeros(3, np.float32), np.zeros(3, np.float32), np.array([1.0, 0.5, 2.0], np.float32)
+    nodes = [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], name="bn")]
+    model = make_model(nodes, {"x": x, "scale": default}, ["y"],
+                       initializers={"scale": default, "bias": bias, "mean": mean, "var": var})
+    assert overridable_initializers(model.graph) == {"scale"}
+    seed = rng.standard_normal(x.shape).astype(np.float32)
+    (gx,), y = ort_vjp(model, {"x": x, "scale": fed}, ["x"], "y", seed)
+    factor = (fed / np.sqrt(var + 1e-5)).reshape(1, 3, 1, 1)
+    assert rel_err(y, x * factor) < 1e-6  # the forward pass did use the fed scale
+    assert rel_err(gx, seed * factor) < 1e-6
+
+
+# ------------------------------------------------------------------------------ Dropout
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("mode", ["constant", "fed_true", "fed_false"])
+@pytest.mark.parametrize("ratio", ["constant", "fed"])
+def test_training_mode_dropout_gradient_uses_the_runs_mask(with_mask, mode, ratio):
+    """Y = X · mask / (1 - p) in training mode: the gradient is g · mask / (1 - p) with the mask of
+    the same run (compared with torch autograd through that mask), the identity when the mode is off."""
+    p = 0.3
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    inputs = {"x": x}
+    initializers = {}
+    if mode == "constant":
+        initializers["training"] = np.array(True)
+    else:
+        inputs["training"] = np.array(mode == "fed_true")
+    if ratio == "constant":
+        initializers["ratio"] = np.array(p, np.float32)
+    else:
+        inputs["ratio"] = np.array(p, np.float32)
+    outs = ["y", "mask"] if with_mask else ["y"]
+    model = make_model([helper.make_node("Dropout", ["x", "ratio", "training"], outs, name="drop")], inputs, ["y"],
+                       initializers=initializers)
+    seed = rng.standard_normal(x.shape).astype(np.float32)
+    (gx,), y = ort_vjp(model, inputs, ["x"], "y", seed)
+    if mode == "fed_false":
+        assert np.array_equal(y, x) and np.array_equal(gx, seed)
+        return
+    kept = y != 0  # x is never exactly 0, so the run's mask is where y is not
+    assert 0.5 < kept.mean() < 0.9  # dropout did drop (p = 0.3)
+    assert np.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6)
+    import torch
+    (ref,), _ = torch_vjp(lambda t: t * torch.tensor(kept, dtype=torch.float64) / (1 - p), [x], seed)
+    assert rel_err(gx, ref) < 1e-6
