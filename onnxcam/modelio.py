@@ -182,8 +182,89 @@ def save_model(proto: onnx.ModelProto, out_path, refuse=()) -> Path:
             onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=out.name + ".data", size_threshold=1024)
         else:
-            onnx.save_model(proto, tmp)
+            with open(tmp, "wb") as f:
+                write_model(proto, f)
     return out
+
+
+def write_model(proto: onnx.ModelProto, f) -> None:
+    """Serialise `proto` to the binary file `f` holding at most one weight's bytes extra.
+
+    `onnx.save_model` builds the whole file in memory first, and protobuf's serialiser holds a
+    message twice while it does (its own buffer, then the Python bytes): with the model itself,
+    every weight three times. Protobuf lets a message's fields come in any order, so the model
+    is written as its fields without the graph, then the graph field: its length, its fields
+    without the initializers, and each initializer as its small fields followed by its raw bytes
+    (read once). The bytes parse to exactly `proto` (a test checks it)."""
+    graph = proto.graph
+    head = _copy_fields(proto, onnx.ModelProto(), skip="graph")
+    graph_bytes = _copy_fields(graph, onnx.GraphProto(), skip="initializer").SerializeToString()
+    pieces = [_tensor_pieces(tensor) for tensor in graph.initializer]
+    sizes = [len(fields) + (0 if raw is None else 1 + len(_varint(raw)) + raw) for fields, raw in pieces]
+    graph_length = len(graph_bytes) + sum(1 + len(_varint(n)) + n for n in sizes)
+    f.write(head.SerializeToString())
+    f.write(_GRAPH_TAG + _varint(graph_length) + graph_bytes)
+    for tensor, (fields, raw_length), size in zip(graph.initializer, pieces, sizes):
+        f.write(_INITIALIZER_TAG + _varint(size) + fields)
+        if raw_length is not None:
+            raw = tensor.raw_data
+            if len(raw) != raw_length:  # load_model checks sizes; never write a corrupt file anyway
+                raise OutputError(f"tensor {tensor.name!r} holds {len(raw)} bytes, expected {raw_length}")
+            f.write(_RAW_DATA_TAG + _varint(raw_length))
+            f.write(raw)
+            del raw
+
+
+def _tensor_pieces(tensor):
+    """(serialised fields other than raw_data, length of raw_data or None when it is not set)."""
+    if not tensor.HasField("raw_data"):
+        return tensor.SerializeToString(), None
+    fields = _copy_fields(tensor, onnx.TensorProto(), skip="raw_data").SerializeToString()
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:
+        itemsize = 0
+    if tensor.data_type in _PACKED_TYPES or itemsize == 0:
+        return fields, len(tensor.raw_data)
+    return fields, int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+# Protobuf keys (field number << 3 | wire type 2, length-delimited): ModelProto.graph = 7,
+# GraphProto.initializer = 5, TensorProto.raw_data = 9.
+_GRAPH_TAG = bytes([(7 << 3) | 2])
+_INITIALIZER_TAG = bytes([(5 << 3) | 2])
+_RAW_DATA_TAG = bytes([(9 << 3) | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _copy_fields(source, target, skip: str):
+    """`target` with every field of `source` set except `skip` (no copy of the skipped field)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # protobuf < 5.28
+            repeated = field.label == FieldDescriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return target
 
 
 def input_files(model_path) -> list:

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,15 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference with large floating-point weights turned into typed graph
     inputs: serialising 100 MB of weights costs more than the inference itself, and only their
     shapes matter (small and integer tensors stay, for data propagation)."""
+    return _light_copy(model)[0]
+
+
+def _light_copy(model: onnx.ModelProto):
+    """(copy without its large float weights, names of the weights made graph inputs). Nodes come
+    in topological order: shape inference gives up on a graph whose file order is not one.
+    Initializers that are graph inputs already (overridable) stay inputs, without their default."""
+    from .graph import topological
+
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(light, field, getattr(model, field))
@@ -76,18 +85,20 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     light.functions.extend(model.functions)
     graph = model.graph
     inputs = {i.name for i in graph.input}
-    small, stubs = [], []
+    small, stubs, moved = [], [], []
     for init in graph.initializer:
         count = 1
         for d in init.dims:
             count *= d
         if count <= _SMALL_TENSOR or init.data_type not in _FLOAT_TYPES:
             small.append(init)
-        elif init.name not in inputs:
+            continue
+        moved.append(init.name)
+        if init.name not in inputs:
             stubs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    light.graph.CopyFrom(helper.make_graph(list(graph.node), graph.name, list(graph.input) + stubs,
+    light.graph.CopyFrom(helper.make_graph(topological(graph), graph.name, list(graph.input) + stubs,
                                            list(graph.output), small, value_info=list(graph.value_info)))
-    return light
+    return light, moved
 
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -102,8 +113,9 @@ def probe_infos(model: onnx.ModelProto, names: Iterable[str], input_shapes=None)
     if not names:
         return {}
     graph_inputs = _real_inputs(model)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    # The large weights are fed as inputs rather than copied into the probe model and serialised
+    # with it: the probe then costs one copy of the weights (the arrays), not three.
+    probe, moved = _light_copy(model)
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
@@ -112,9 +124,12 @@ def probe_infos(model: onnx.ModelProto, names: Iterable[str], input_shapes=None)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # a failed probe is expected for fixed-size models: quiet
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del probe
+    moved = set(moved)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in moved}
     runs = []
     for variant in (0, 1):
-        feeds = {}
+        feeds = dict(weights)
         for vi in graph_inputs:
             feeds[vi.name] = _probe_array(vi, variant, input_shapes)
         try:
