@@ -56,7 +56,13 @@ class _Group(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         _Group.debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
         _Group.debug = _Group.debug or os.environ.get("ONNXCAM_DEBUG", "") not in ("", "0")
-        code = self._invoke_safely(argv, prog_name or "onnxcam", complete_var, **extra)
+        from .interrupts import exit_code, signals_as_exceptions
+
+        try:
+            with signals_as_exceptions():
+                code = self._invoke_safely(argv, prog_name or "onnxcam", complete_var, **extra)
+        except KeyboardInterrupt as exc:  # a signal just after the command returned: nothing to clean
+            code = exit_code(exc)
         if standalone_mode:
             sys.exit(code)
         return code
@@ -78,12 +84,16 @@ class _Group(click.Group):
                 raise
             _say("error", exc.format_message())
             return exc.exit_code
-        except click.Abort:
-            _say("error", "aborted")
-            return 1
-        except KeyboardInterrupt:
-            _say("error", "interrupted")
-            return 130
+        except (click.Abort, KeyboardInterrupt) as exc:
+            # Ctrl-C, SIGTERM, SIGHUP (see interrupts.py); click wraps KeyboardInterrupt in Abort.
+            from .interrupts import describe, exit_code
+
+            signal = exc if isinstance(exc, KeyboardInterrupt) else (exc.__cause__ or exc.__context__)
+            if not isinstance(signal, KeyboardInterrupt):
+                _say("error", "aborted")
+                return 1
+            _say("error", describe(signal))
+            return exit_code(signal)
         except BrokenPipeError:
             return 1
         except OnnxcamError as exc:

@@ -11,6 +11,7 @@ decoded.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError
+from .files import describe_mode
 
 # 100 megapixels: a 3-channel uint8 copy is 300 MB, the float32 copy made on the way is 1.2 GB.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -50,7 +52,9 @@ def list_images(paths) -> ImageList:
             for child in sorted(path.iterdir()):
                 if child.name.startswith(".") or child.is_dir():
                     continue
-                if child.suffix.lower() in IMAGE_EXTENSIONS:
+                # A FIFO, socket or device (or a dangling link) named like a photo is no photo:
+                # reading a FIFO would block forever, a device never end.
+                if child.suffix.lower() in IMAGE_EXTENSIONS and _is_regular(child):
                     found.images.append(child)
                 else:
                     found.skipped.append(child)
@@ -66,14 +70,7 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     import cv2
 
     path = Path(os.fspath(path))
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    data = read_file_bytes(path, max_file_bytes(max_pixels))
     if not data:
         raise ImageError(f"{path}: the file is empty (0 bytes)")
     truncated = _truncation(data)
@@ -87,6 +84,61 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{path}: not an image OpenCV can read (unknown format or damaged file)")
     _check_pixels(path, image.shape[1], image.shape[0], max_pixels)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _is_regular(path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+# The most bytes per pixel an image file can need (4 channels of 32-bit floats in a TIFF), plus
+# room for metadata (EXIF thumbnails, ICC profiles): a larger file is no image within the limit.
+_MAX_BYTES_PER_PIXEL = 16
+_METADATA_ALLOWANCE = 64 * 2**20
+
+
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The largest file an image of at most `max_pixels` can be; None: no limit."""
+    return None if max_pixels is None else max_pixels * _MAX_BYTES_PER_PIXEL + _METADATA_ALLOWANCE
+
+
+def read_file_bytes(path, limit: int | None) -> bytes:
+    """The bytes of `path`, checked before reading: a regular file (not a FIFO, which would block
+    forever, nor a device such as /dev/zero, which never ends) of at most `limit` bytes. The file
+    is opened without blocking and checked through the open descriptor, so a path swapped for a
+    FIFO between a check and the read cannot hang the run either."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(f"{path}: is a directory, not an image")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path}: is {describe_mode(info.st_mode)}, not an image file; give a regular file")
+        if limit is not None and info.st_size > limit:
+            raise ImageError(f"{path}: {info.st_size / 2**20:.0f} MB is larger than an image within the pixel limit "
+                             f"can be; raise --max-pixels if you trust the file")
+        chunks, total = [], 0
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            while True:  # a file that grows while read is cut at the limit, not followed forever
+                chunk = f.read(1 << 24)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    raise ImageError(f"{path}: grew past the size limit while being read; refused")
+                chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 def _check_pixels(path, width, height, max_pixels) -> None:

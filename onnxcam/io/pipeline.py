@@ -16,8 +16,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import ImageError, UsageError
-from .files import atomic_write_bytes
+from ..errors import ImageError, NonFiniteError, OutputError, UsageError
+from .files import atomic_write_bytes, check_output_file, file_identity
 from .images import DEFAULT_MAX_PIXELS, read_image
 from .labels import label_for
 from .overlay import DEFAULT_ALPHA, DEFAULT_COLORMAP, blend, colormap_id, write_npy, write_png
@@ -68,7 +68,7 @@ class ExplainRun:
     def __init__(self, explainer, preprocessor: Preprocessor, out_dir, labels=None, class_index=None,
                  top_k: Optional[int] = None, batch_size: int = 8, alpha: float = DEFAULT_ALPHA,
                  colormap: str = DEFAULT_COLORMAP, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                 on_warning: Callable[[str], None] = lambda message: None, inputs=None):
+                 on_warning: Callable[[str], None] = lambda message: None, inputs=None, protected=()):
         if class_index is not None and top_k is not None:
             raise UsageError("give either --class or --top-k, not both")
         if top_k is not None and top_k < 1:
@@ -93,8 +93,20 @@ class ExplainRun:
         self.layer = ",".join(explainer.layers)
         self.method = getattr(explainer, "method", "")
         self._stems = set()
+        # Files no output may replace: the photos of the run (found in `run`) and what the caller
+        # names (the model, a labels file, --input arrays...), compared by identity (links too).
+        self._protected = {i for i in map(file_identity, protected) if i is not None}
+        self._written = set()  # output paths of this run, so that no two outputs share a name
 
     def run(self, sources: Sequence[Source], progress: Optional[Callable[[int], None]] = None) -> RunResult:
+        """Explain `sources` batch by batch. A photo that cannot be read, or whose model output is
+        NaN/Inf, is reported (on_warning) and recorded in `failures`; the others go on."""
+        for source in sources:
+            if not isinstance(source.image, np.ndarray):
+                identity = file_identity(source.image)
+                if identity is not None:
+                    self._protected.add(identity)
+        self._check_summary_path()
         result = RunResult()
         for start in range(0, len(sources), self.batch_size):
             chunk = sources[start:start + self.batch_size]
@@ -103,13 +115,35 @@ class ExplainRun:
                 try:
                     loaded.append((source, self._load(source)))
                 except ImageError as exc:
-                    result.failures.append(exc)
-                    self.on_warning(str(exc))
+                    self._fail(result, exc)
             if loaded:
-                result.records.extend(self._explain_batch(loaded))
+                self._explain_or_isolate(loaded, result)
             if progress is not None:
                 progress(len(chunk))
         return result
+
+    def _explain_or_isolate(self, loaded, result: RunResult) -> None:
+        """A batch whose outputs are not finite is explained again photo by photo, so that only the
+        photos at fault are left out (with their names), not their batch."""
+        try:
+            result.records.extend(self._explain_batch(loaded))
+            return
+        except NonFiniteError as exc:
+            if len(loaded) == 1:
+                self._fail(result, NonFiniteError(f"{loaded[0][0].name}: {exc}"))
+                return
+        for item in loaded:
+            self._explain_or_isolate([item], result)
+
+    def _fail(self, result: RunResult, exc) -> None:
+        result.failures.append(exc)
+        self.on_warning(str(exc))
+
+    def _check_summary_path(self) -> None:
+        summary = self.out_dir / SUMMARY_NAME
+        if file_identity(summary) in self._protected:
+            raise OutputError(f"{summary}: is one of the inputs; choose another output directory (-o)")
+        check_output_file(summary)
 
     def _load(self, source: Source) -> np.ndarray:
         if isinstance(source.image, np.ndarray):
@@ -133,12 +167,28 @@ class ExplainRun:
                 ranked = [(0, self._explain(x, order[:, 0]))]
             for rank in range(1, order.shape[1]):
                 ranked.append((rank, self._explain(x, order[:, rank])))
+        for _, res in ranked:
+            self._check_finite(res)
         records = []
         for i, (source, photo) in enumerate(loaded):
             stem = self._unique_stem(source.stem)
             for rank, res in ranked:
                 records.append(self._write(source, stem, photo, geometries[i], res, i, rank))
         return records
+
+    def _check_finite(self, res) -> None:
+        """The map may be finite while the score or the model's output is not (a NaN that the
+        gradient does not see): such a result has no meaningful class or score, refuse it."""
+        bad = ~np.isfinite(np.asarray(res.score, dtype=np.float64))
+        what = "the explained score"
+        output = res.outputs.get(self.explainer.output_name)
+        if output is not None and np.issubdtype(np.asarray(output).dtype, np.floating) and np.ndim(output) >= 1:
+            rows = ~np.isfinite(np.asarray(output, dtype=np.float64).reshape(len(output), -1)).all(axis=1)
+            if rows.any():
+                bad, what = bad | rows, f"the model's output {self.explainer.output_name!r}"
+        if bad.any():
+            raise NonFiniteError(f"{what} is NaN/Inf although the input is finite; nothing was written for this "
+                                 "image (check the model on it alone in onnxruntime)")
 
     def _explain(self, x, class_index):
         if not self.inputs:
@@ -160,8 +210,7 @@ class ExplainRun:
     def _write(self, source, stem, photo, geometry, res, i, rank) -> Record:
         k = int(res.class_index[i])
         heat = np.clip(geometry.to_original(res.cam[i]), 0.0, 1.0).astype(np.float32)
-        png = self.out_dir / f"{stem}_{k}.png"
-        npy = self.out_dir / f"{stem}_{k}.npy"
+        png, npy = self._output_paths(stem, k)
         write_png(png, blend(photo, heat, self.alpha, self.colormap))
         write_npy(npy, heat)
         return Record(image=source.name, class_index=k, label=label_for(self.labels, k),
@@ -180,6 +229,32 @@ class ExplainRun:
         e = np.exp(row - row.max())
         return float(e[k] / e.sum())
 
+    def _output_paths(self, stem: str, k: int):
+        """`<stem>_<k>.png` and `.npy`, or `<stem>_<k>-2.png`... when that name is taken by an input of
+        the run (explaining photos into their own folder: `cat.png`'s overlay `cat_0.png` would
+        replace the photo `cat_0.png`), by another output of this run, or by something that is
+        not a regular file."""
+        n = 1
+        while True:
+            suffix = "" if n == 1 else f"-{n}"
+            paths = [self.out_dir / f"{stem}_{k}{suffix}{ext}" for ext in (".png", ".npy")]
+            if not any(self._taken(p) for p in paths):
+                self._written.update(paths)
+                return paths
+            n += 1
+
+    def _taken(self, path: Path) -> bool:
+        if path in self._written:
+            return True
+        identity = file_identity(path)
+        if identity is None:
+            return False
+        try:
+            check_output_file(path)
+        except OutputError:
+            return True
+        return identity in self._protected
+
     def _unique_stem(self, stem: str) -> str:
         """Two photos with the same stem (a/x.png, b/x.jpg) must not overwrite each other's outputs."""
         candidate, n = stem, 1
@@ -191,6 +266,12 @@ class ExplainRun:
 
 
 def write_summary(out_dir, records: Sequence[Record], name: str = SUMMARY_NAME) -> Path:
-    """All records as JSON lines, written atomically."""
-    text = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
+    """All records as JSON lines, written atomically. A float that is not finite is written as
+    null: a bare NaN is not JSON, and would break every strict reader of the file."""
+    text = "".join(json.dumps(_finite_or_null(asdict(r)), ensure_ascii=False, allow_nan=False) + "\n"
+                   for r in records)
     return atomic_write_bytes(Path(os.fspath(out_dir)) / name, text.encode("utf-8"))
+
+
+def _finite_or_null(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
