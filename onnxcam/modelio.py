@@ -379,3 +379,10 @@ def check_graph_structure(proto: onnx.ModelProto, label="model") -> None:
         if out.name not in known:
             raise UnsupportedModelError(f"{label}: graph output {out.name!r} is not computed by any node; the graph "
                                         "is malformed, re-export the model")
+    from .autodiff.graph import nodes_in_cycles
+
+    stuck = nodes_in_cycles(graph)
+    if stuck:
+        names = ", ".join(f"{n.name or '(unnamed)'!r} ({n.op_type})" for n in stuck[:4])
+        raise UnsupportedModelError(f"{label}: the graph has a cycle: node(s) {names}{' ...' if len(stuck) > 4 else ''} "
+                                    "depend on their own outputs; the graph is malformed, re-export the model")

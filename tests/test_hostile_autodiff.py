@@ -167,3 +167,99 @@ def test_training_mode_dropout_gradient_uses_the_runs_mask(with_mask, mode, rati
     import torch
     (ref,), _ = torch_vjp(lambda t: t * torch.tensor(kept, dtype=torch.float64) / (1 - p), [x], seed)
     assert rel_err(gx, ref) < 1e-6
+
+
+def test_a_torch_export_with_weights_as_inputs_differentiates_the_fed_weights():
+    """torch.onnx.export(keep_initializers_as_inputs=True): every weight is also a graph input.
+    Feed a different BatchNorm scale: the gradient at the Conv output must be torch's with that scale."""
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    import onnxcam
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.running_var.uniform_(0.5, 2.0)
+    buf = io.BytesIO()
+    torch.onnx.export(net, torch.randn(1, 3, 8, 8), buf, opset_version=13, keep_initializers_as_inputs=True,
+                      do_constant_folding=False, dynamo=False, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    model = onnx.load_from_string(buf.getvalue())
+    assert "bn.weight" in overridable_initializers(model.graph)
+    conv_out = next(n.output[0] for n in model.graph.node if n.op_type == "Conv")
+    augmented = onnxcam.augment(model, layer=conv_out, vjp=True)
+    session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    seed = rng.standard_normal((2, 4)).astype(np.float32)
+    fed = rng.uniform(-2, 2, 6).astype(np.float32)
+    gradient, = session.run(["onnxcam_gradient"], {"input": x, "onnxcam_seed": seed, "bn.weight": fed})
+    with torch.no_grad():
+        net.bn.weight.copy_(torch.from_numpy(fed))
+    net = net.double()
+    activation = net.conv(torch.from_numpy(x).double()).detach().requires_grad_(True)
+    logits = net.fc(torch.relu(net.bn(activation)).mean((2, 3)))
+    logits.backward(torch.from_numpy(seed).double())
+    reference = activation.grad.numpy()
+    assert np.abs(reference).max() > 1e-3
+    assert rel_err(gradient, reference) < 1e-5
+
+
+def test_an_if_beside_the_path_is_no_reason_to_refuse():
+    """The branch reads the layer, but its output does not feed the score: the gradient is exact."""
+    model, x = _if_model()
+    model.graph.node[2].input[0] = "r"  # y = r + r; the If's output is now unused
+    model.graph.output.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 3]))
+    seed = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
+    (g,), _ = ort_vjp(model, {"x": x, "c": np.array(True)}, ["r"], "y", seed)
+    assert rel_err(g, 2 * seed) < 1e-7
+
+
+def test_a_capture_two_levels_down_is_refused_too():
+    """The outer If's branch holds the inner If, whose branches read r: r is read two scopes down."""
+    model, _ = _if_model()
+    inner = helper.make_node("If", ["c"], ["inner_b"], then_branch=_branch("then", "Mul", 2.0),
+                             else_branch=_branch("else", "Add", 3.0))
+    nested = helper.make_graph([inner], "nest", [], [helper.make_tensor_value_info("inner_b", TensorProto.FLOAT, None)])
+    model.graph.node[1].CopyFrom(helper.make_node("If", ["c"], ["b"], name="outer_if", then_branch=nested,
+                                                  else_branch=_branch("plain", "Mul", 0.0)))
+    with pytest.raises(NotDifferentiableError, match="'outer_if' \\(If"):
+        add_gradients(model, ["r"], "y")
+
+
+def test_scan_on_the_path_is_refused_naming_the_node():
+    body = helper.make_graph([helper.make_node("Add", ["s_in", "row"], ["s_out"]),
+                              helper.make_node("Identity", ["s_out"], ["row_out"])], "scan_body",
+                             [helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [3]),
+                              helper.make_tensor_value_info("row", TensorProto.FLOAT, [3])],
+                             [helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [3]),
+                              helper.make_tensor_value_info("row_out", TensorProto.FLOAT, [3])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Scan", ["init", "r"], ["final", "y"], name="scanner", body=body, num_scan_inputs=1)]
+    x = np.random.default_rng(7).standard_normal((2, 3)).astype(np.float32)
+    model = make_model(nodes, {"x": x}, ["y"], initializers={"init": np.zeros(3, np.float32)})
+    with pytest.raises(NotDifferentiableError, match="'scanner' \\(Scan.*unrolled"):
+        add_gradients(model, ["r"], "y")
+
+
+def test_a_cyclic_graph_is_refused_naming_the_nodes_on_the_cycle():
+    from onnxcam import augment
+    from onnxcam.errors import UnsupportedModelError
+    from test_hardening import conv_net
+
+    model = conv_net(extra_nodes=[helper.make_node("Add", ["relu", "loopback"], ["mixed"], name="mix"),
+                                  helper.make_node("Relu", ["mixed"], ["loopback"], name="back")], head_input="mixed")
+    with pytest.raises(UnsupportedModelError, match="cycle: node\\(s\\) 'mix' \\(Add\\), 'back' \\(Relu\\) depend"):
+        augment(model)

@@ -64,6 +64,36 @@ def topological(graph: onnx.GraphProto) -> List[onnx.NodeProto]:
     unchanged). Dependencies include outer names read by subgraphs. Names nothing in the graph
     produces (graph inputs, initializers, or a malformed reference) are not waited for; nodes
     caught in a cycle are appended in the file's order."""
+    ordered, cyclic = _kahn(graph)
+    return ordered + cyclic  # a cycle: keep the file's order for what is left
+
+
+def nodes_in_cycles(graph: onnx.GraphProto) -> List[onnx.NodeProto]:
+    """The nodes on a cycle (or between two), in file order: what no topological order can place,
+    less the nodes merely fed by a cycle (peeled off from the sinks up, linearly)."""
+    stuck = _kahn(graph)[1]
+    producer = {out: i for i, node in enumerate(stuck) for out in node.output if out}
+    readers = [0] * len(stuck)  # how many stuck nodes read each stuck node's outputs
+    feeds: List[List[int]] = [[] for _ in stuck]
+    for i, node in enumerate(stuck):
+        for name in set(node_reads(node)):
+            j = producer.get(name)
+            if j is not None:
+                readers[j] += 1
+                feeds[i].append(j)
+    sinks = [i for i, count in enumerate(readers) if count == 0]
+    removed = [False] * len(stuck)
+    while sinks:
+        i = sinks.pop()
+        removed[i] = True
+        for j in feeds[i]:
+            readers[j] -= 1
+            if readers[j] == 0:
+                sinks.append(j)
+    return [node for i, node in enumerate(stuck) if not removed[i]]
+
+
+def _kahn(graph: onnx.GraphProto):
     nodes = list(graph.node)
     producer: Dict[str, int] = {}
     for index, node in enumerate(nodes):
@@ -89,9 +119,7 @@ def topological(graph: onnx.GraphProto) -> List[onnx.NodeProto]:
             waiting[consumer] -= 1
             if waiting[consumer] == 0:
                 heapq.heappush(ready, consumer)
-    if len(ordered) < len(nodes):  # a cycle: keep the file's order for what is left
-        ordered.extend(node for index, node in enumerate(nodes) if not placed[index])
-    return ordered
+    return ordered, [node for index, node in enumerate(nodes) if not placed[index]]
 
 
 def overridable_initializers(graph: onnx.GraphProto) -> Set[str]:
