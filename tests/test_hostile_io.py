@@ -190,7 +190,7 @@ def test_a_file_too_large_to_be_an_image_within_the_limit_is_refused_before_read
     reads = []
     real_read = os.read
     monkeypatch.setattr(files_module.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
-    with pytest.raises(ImageError, match="huge.png: 200 MB is larger than an image within the pixel limit"):
+    with pytest.raises(ImageError, match="huge.png: 200 MB is over the limit of 79 MB for this image file; raise --max-pixels"):
         read_image(sparse, max_pixels=1_000_000)
     assert reads == []
 
@@ -373,3 +373,26 @@ def test_integral_floats_are_accepted_as_class_indices(explainer):
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     result = explainer(x, class_index=np.array([1.0, 3.0]))
     assert list(result.class_index) == [1, 3]
+
+
+# ------------------------------------------------------------------------------ labels files
+def test_a_labels_file_that_is_a_device_or_a_fifo_or_huge_is_refused(work):
+    fifo = work["dir"] / "labels.txt"
+    os.mkfifo(fifo)
+    for path, fragment in (("/dev/zero", "/dev/zero: is a character device, not a labels file"),
+                           (fifo, "labels.txt: is a FIFO (named pipe), not a labels file")):
+        code, _, err = run_onnxcam(["explain", work["model"], work["image"], "-o", work["out"], "--labels", path],
+                                   timeout=60)
+        assert code == 2, err
+        one_error_line(err, fragment)
+    assert not work["out"].exists()
+
+
+def test_a_json_labels_object_with_an_absurd_index_is_refused_not_allocated(work):
+    from onnxcam.errors import UsageError
+    from onnxcam.io.labels import load_labels
+
+    path = work["dir"] / "labels.json"
+    path.write_text('{"0": "cat", "1000000000000": "dog"}')
+    with pytest.raises(UsageError, match="class index 1000000000000 is beyond"):
+        load_labels(path)

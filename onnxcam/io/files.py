@@ -86,6 +86,47 @@ def describe_mode(mode: int) -> str:
     return "a special file"
 
 
+def read_user_file(path, limit, error, what: str = "file", hint: str = "") -> bytes:
+    """The bytes of a file the user named, checked before reading: a regular file (not a FIFO,
+    which would block forever, nor a device such as /dev/zero, which never ends, nor a directory)
+    of at most `limit` bytes (None: no limit). The file is opened without blocking and checked
+    through the open descriptor, so a path swapped for a FIFO after a check cannot hang either.
+    Problems raise `error` (an OnnxcamError class) naming the path; `hint` says what to do about a
+    file over the limit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: is {describe_mode(info.st_mode)}, not {what_article(what)}")
+        if limit is not None and info.st_size > limit:
+            raise error(f"{path}: {info.st_size / 2**20:.0f} MB is over the limit of {limit / 2**20:.0f} MB for "
+                        f"this {what}{'; ' + hint if hint else ''}")
+        chunks, total = [], 0
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            while True:  # a file that grows while read is cut at the limit, not followed forever
+                chunk = f.read(1 << 24)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    raise error(f"{path}: grew past {limit / 2**20:.0f} MB while being read; refused")
+                chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
+def what_article(what: str) -> str:
+    return ("an " if what[:1] in "aeiou" else "a ") + what
+
+
 def file_identity(path):
     """(device, inode) of an existing file, or None: two paths naming one file (links) compare equal."""
     try:

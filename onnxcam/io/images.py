@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError
-from .files import describe_mode
+from .files import read_user_file
 
 # 100 megapixels: a 3-channel uint8 copy is 300 MB, the float32 copy made on the way is 1.2 GB.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -105,40 +105,8 @@ def max_file_bytes(max_pixels: int | None) -> int | None:
 
 
 def read_file_bytes(path, limit: int | None) -> bytes:
-    """The bytes of `path`, checked before reading: a regular file (not a FIFO, which would block
-    forever, nor a device such as /dev/zero, which never ends) of at most `limit` bytes. The file
-    is opened without blocking and checked through the open descriptor, so a path swapped for a
-    FIFO between a check and the read cannot hang the run either."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageError(f"{path}: is a directory, not an image")
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError(f"{path}: is {describe_mode(info.st_mode)}, not an image file; give a regular file")
-        if limit is not None and info.st_size > limit:
-            raise ImageError(f"{path}: {info.st_size / 2**20:.0f} MB is larger than an image within the pixel limit "
-                             f"can be; raise --max-pixels if you trust the file")
-        chunks, total = [], 0
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            while True:  # a file that grows while read is cut at the limit, not followed forever
-                chunk = f.read(1 << 24)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if limit is not None and total > limit:
-                    raise ImageError(f"{path}: grew past the size limit while being read; refused")
-                chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd)
+    """The bytes of an image file: a regular file within `limit` bytes, checked before reading."""
+    return read_user_file(path, limit, ImageError, "image file", "raise --max-pixels if you trust the file")
 
 
 def _check_pixels(path, width, height, max_pixels) -> None:
