@@ -8,6 +8,7 @@ graph is shared, not copied. The walker knows no op by name: rules come from the
 
 from __future__ import annotations
 
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -94,14 +95,35 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
             raise UnsupportedModelError(f"cannot learn the shapes of {len(unknown_rank)} tensor(s) on the path by "
                                         f"running the model in ONNX Runtime ({first}); check that the model runs "
                                         "in onnxruntime on its own") from None
-    ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants)
+    ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants, body_gradients=_body_gradients)
 
     if seed is None:
         seed = _add_seed_input(graph, score_tensor, infos)
     widened: Dict[str, str] = {}  # float16/bfloat16 forward tensors -> float32 copies
     grad_seed = _widen(emit, seed, widened, constants) if emit.dtype(seed) in _NARROW else seed
     contributions: Dict[str, List[str]] = {score_tensor: [grad_seed]}
-    totals: Dict[str, str] = {}  # gradients of targets that are themselves produced on the path
+    totals = _backpropagate(ctx, path, contributions, set(targets), widened)
+
+    gradients = {}
+    for target in targets:
+        total = totals.get(target) or _total(emit, contributions.get(target), target)
+        if total is None:
+            raise UnsupportedModelError(f"no gradient reaches tensor {target!r} from {score_name or score_tensor!r}")
+        if total in known or total == seed:  # never expose a forward tensor under a gradient name
+            total = emit.op("Identity", total, hint="grad")
+        gradients[target] = total
+        emit.infos[total] = _grad_info(infos.get(target))
+    flush(emit, graph)
+    return GradientGraph(model, gradients, seed, emit)
+
+
+def _backpropagate(ctx: RuleContext, path, contributions: Dict[str, List[str]], targets: set,
+                   widened: Dict[str, str]) -> Dict[str, str]:
+    """Walk `path` backwards, turning each node's output gradients into its inputs' (and its
+    bodies' captured tensors') contributions. Returns the gradients of targets that are produced
+    on the path themselves (their contributions are consumed on the way)."""
+    emit, active, constants = ctx.emit, ctx.active, ctx.constants
+    totals: Dict[str, str] = {}
     for node_proto in reversed(path):
         view = NodeView(node_proto)
         grads_out = [_total(emit, contributions.pop(o, None), o) for o in view.outputs]
@@ -119,27 +141,59 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
         except (NotImplementedError, KeyError) as exc:
             detail = exc.args[0] if exc.args else type(exc).__name__
             raise UnsupportedModelError(
-                f"node {view.name or '(unnamed)'!r} ({view.op}, opset {opset}): cannot build its gradient: "
+                f"node {view.name or '(unnamed)'!r} ({view.op}, opset {ctx.opset}): cannot build its gradient: "
                 f"{detail}. {_CUSTOM_HINT}") from None
         for i, g in _as_items(result, len(view.inputs)):
-            name = view.original_input(i)
+            name = i if isinstance(i, str) else view.original_input(i)  # a name: a body's capture
             if g is None or name is None or name not in active:
                 continue
             if emit.info(g).shape is None:  # gradients are shaped like their tensors
-                emit.infos[g] = _grad_info(infos.get(name))
+                emit.infos[g] = _grad_info(emit.infos.get(name))
             contributions.setdefault(name, []).append(g)
+    return totals
 
-    gradients = {}
-    for target in targets:
-        total = totals.get(target) or _total(emit, contributions.get(target), target)
-        if total is None:
-            raise UnsupportedModelError(f"no gradient reaches tensor {target!r} from {score_name or score_tensor!r}")
-        if total in known or total == seed:  # never expose a forward tensor under a gradient name
-            total = emit.op("Identity", total, hint="grad")
-        gradients[target] = total
-        emit.infos[total] = _grad_info(infos.get(target))
-    flush(emit, graph)
-    return GradientGraph(model, gradients, seed, emit)
+
+def _body_gradients(ctx: RuleContext, body, seeds: Dict[str, str], wrt: Sequence[str]) -> onnx.GraphProto:
+    """A graph computing, inside a control-flow body's scope, d(sum_j seed_j * output_j)/d(c) for
+    each outer tensor c in `wrt` that the body reads: the body's own nodes (recomputed: their
+    values live only inside the forward body), then their VJPs. `seeds` maps body output names to
+    outer gradient tensors. Outputs, in the order of `wrt`, are the gradients (zeros where none
+    reaches). Used by the If rule; nested bodies recurse through it."""
+    emit = ctx.emit
+    nodes = topological(body)
+    constants = ChainMap(_constant_values(body, nodes), ctx.constants)
+    active = _forward_active(nodes, wrt, emit.infos)
+    producers = {out: node for node in nodes for out in node.output if out}
+    feeding = set()
+    for output in seeds:
+        feeding |= _feeds(output, producers)
+    path = [n for n in nodes if any(o in active and o in feeding for o in n.output) and _touches(n, active)]
+    _refuse_missing_rules(path, ctx.opset)
+    inner = RuleContext(emit=emit, opset=ctx.opset, active=active, constants=constants,
+                        body_gradients=ctx.body_gradients)
+    with emit.nested() as emitted:
+        contributions = {output: [g] for output, g in seeds.items()}
+        totals = _backpropagate(inner, path, contributions, set(wrt), {})
+        outputs = []
+        for name in wrt:
+            g = totals.get(name) or _total(emit, contributions.get(name), name)
+            g = emit.zeros_like(name) if g is None else g
+            outputs.append(emit.op("Identity", g, hint="body_grad"))  # defined inside, never an outer name
+    kept = _needed(list(nodes) + list(emitted), set(outputs))
+    value_infos = [make_value_info(name, TensorInfo(_grad_info(emit.infos.get(c)).dtype, None))
+                   for name, c in zip(outputs, wrt)]
+    return helper.make_graph(kept, emit.fresh(f"{body.name or 'body'}_grad"), [], value_infos,
+                             list(body.initializer))
+
+
+def _needed(nodes, outputs: set) -> List[onnx.NodeProto]:
+    """The nodes that `outputs` need, in their order (reads of nested bodies count)."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node_reads(node))
+    return kept[::-1]
 
 
 def new_emitter(model: onnx.ModelProto, infos: Optional[Dict[str, TensorInfo]] = None) -> Emitter:

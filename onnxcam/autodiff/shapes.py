@@ -46,9 +46,9 @@ def infer_infos(model: onnx.ModelProto) -> Dict[str, TensorInfo]:
         infos[init.name] = TensorInfo(init.data_type, tuple(init.dims))
     try:
         inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
-        value_infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+        value_infos = _value_infos(inferred.graph)
     except Exception:
-        value_infos = list(graph.value_info) + list(graph.output) + list(graph.input)
+        value_infos = _value_infos(graph)
     for vi in value_infos:
         info = _info_from_value_info(vi)
         old = infos.get(vi.name)
@@ -60,6 +60,18 @@ def infer_infos(model: onnx.ModelProto) -> Dict[str, TensorInfo]:
                 if attr.name == "value":
                     infos[node.output[0]] = TensorInfo(attr.t.data_type, tuple(attr.t.dims))
     return infos
+
+
+def _value_infos(graph) -> list:
+    """Value infos of `graph` and of every body nested in it (control-flow rules need the shapes
+    of the tensors inside branches; ONNX names are unique across scopes)."""
+    from .graph import subgraphs
+
+    found = list(graph.value_info) + list(graph.output) + list(graph.input)
+    for node in graph.node:
+        for body in subgraphs(node):
+            found += _value_infos(body)
+    return found
 
 
 _SMALL_TENSOR = 1024  # elements; kept as values: data propagation of shapes may need them

@@ -1,3 +1,4 @@
 """VJP rules, one module per family; importing this package registers all of them."""
 
-from . import elementwise, activations, conv_pool, shape_ops, reduction, normalization, linalg, resize  # noqa: F401
+from . import (elementwise, activations, conv_pool, shape_ops, reduction, normalization, linalg,  # noqa: F401
+               resize, control_flow)
