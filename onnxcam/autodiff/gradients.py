@@ -330,6 +330,15 @@ def _differentiable_inputs(node: onnx.NodeProto) -> Sequence[int]:
     return range(len(node.input))
 
 
+def differentiable_reads(node: onnx.NodeProto) -> List[str]:
+    """The tensors a gradient can flow to from `node`'s outputs: its differentiable inputs and the
+    outer names its bodies read (for cam/layers.py's search of candidate layers as well)."""
+    names = [node.input[i] for i in _differentiable_inputs(node) if node.input[i]]
+    if node.attribute:
+        names += sorted(captures(node) - set(names))
+    return names
+
+
 def _forward_active(nodes, targets, infos) -> set:
     """Floating-point tensors that depend on a target through differentiable inputs (or through
     outer names that a control-flow body reads)."""
