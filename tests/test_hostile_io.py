@@ -396,3 +396,41 @@ def test_a_json_labels_object_with_an_absurd_index_is_refused_not_allocated(work
     path.write_text('{"0": "cat", "1000000000000": "dog"}')
     with pytest.raises(UsageError, match="class index 1000000000000 is beyond"):
         load_labels(path)
+
+
+# ------------------------------------------------------------------------------ further cases
+def test_a_model_path_that_is_a_fifo_or_a_device_is_refused_without_reading(work):
+    fifo = work["dir"] / "model.onnx"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "model.onnx"), ("/dev/zero", "/dev/zero")):
+        code, _, err = run_onnxcam(["augment", path, "-o", work["dir"] / "aug.onnx"], timeout=60)
+        assert code == 1, err
+        one_error_line(err, kind, "not a regular file")
+    assert not (work["dir"] / "aug.onnx").exists()
+
+
+def test_an_output_name_that_is_a_link_to_someone_elses_file_replaces_the_link_not_the_file(work):
+    """out/photo_1.png is a symbolic link to a file outside the run, out/photo_1.npy a hard link to
+    another: the outputs replace the links (atomic rename), the files they pointed at are untouched."""
+    victim, other = work["dir"] / "victim.txt", work["dir"] / "other.txt"
+    victim.write_text("keep me")
+    other.write_text("keep me too")
+    out = work["out"]
+    out.mkdir()
+    os.symlink(victim, out / "photo_1.png")
+    os.link(other, out / "photo_1.npy")
+    result = cli("explain", work["model"], work["image"], "-o", out, "--class", "1")
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "keep me" and other.read_text() == "keep me too"
+    assert not (out / "photo_1.png").is_symlink() and (out / "photo_1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_photo_hard_linked_under_an_output_name_is_not_overwritten(work):
+    out = work["out"]
+    out.mkdir()
+    os.link(work["image"], out / "photo_1.npy")  # the same file as the photo, under the .npy output's name
+    before = digest(work["image"])
+    result = cli("explain", work["model"], work["image"], "-o", out, "--class", "1")
+    assert result.exit_code == 0, result.output
+    assert digest(work["image"]) == before and digest(out / "photo_1.npy") == before
+    assert (out / "photo_1-2.png").is_file() and (out / "photo_1-2.npy").is_file()
