@@ -281,7 +281,7 @@ def test_ctrl_c_while_an_overlay_is_written_leaves_no_temporary_file(work):
                                          _SLOW_IMAGE_WRITE, signal.SIGINT, work["dir"] / "READY")
     assert returncode == 130, err
     one_error_line(err, "interrupted (Ctrl-C)")
-    assert files_under(work["out"]) == []
+    assert files_under(work["out"]) == [], (files_under(work["out"]), err)
 
 
 def test_an_interrupt_right_after_the_temporary_file_is_created_still_removes_it(tmp_path, monkeypatch):
