@@ -368,3 +368,50 @@ def test_grad_cam_through_an_if_between_the_layer_and_the_head_matches_torch(fla
     assert rel_err(result.outputs["logits"], logits) < 1e-5
     assert np.array_equal(result.class_index, classes)
     assert np.abs(result.cam - reference_cam("gradcam", pairs, (8, 8))).max() < 1e-4
+
+
+@pytest.mark.parametrize("shift", [1.0, -1.0])
+def test_a_scripted_torch_export_with_a_data_dependent_if_matches_torch(shift):
+    """torch.jit.script + torch.onnx.export turns `if x.mean() > 0` into an If whose branches read the
+    Relu output from the outer scope (the issue's case, from a real exporter). Grad-CAM at that Relu
+    against pytorch-grad-cam's formulas on the eager module, for both branches."""
+    import io
+    import warnings
+
+    import torch
+
+    from cam_reference import activations_and_gradients, reference_cam
+    from onnxcam import Explainer
+
+    torch.manual_seed(1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.fc = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            a = self.relu(self.conv(x))
+            if bool(x.mean() > 0):
+                b = a * a
+            else:
+                b = torch.sigmoid(a) + a
+            return self.fc(b.mean((2, 3)))
+
+    net = Net().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(net), (torch.randn(1, 3, 8, 8),), buf, opset_version=13, dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    model = onnx.load_from_string(buf.getvalue())
+    if_node = next(n for n in model.graph.node if n.op_type == "If")
+    relu_out = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    assert relu_out in captures(if_node) and relu_out not in if_node.input
+    x = (np.random.default_rng(9).standard_normal((2, 3, 8, 8)) + shift).astype(np.float32)
+    result = Explainer(model, layer=relu_out)(x)
+    pairs, classes, logits = activations_and_gradients(net, [net.relu], x, None)
+    assert rel_err(result.outputs["logits"], logits) < 1e-5
+    assert np.array_equal(result.class_index, classes)
+    assert np.abs(result.cam - reference_cam("gradcam", pairs, (8, 8))).max() < 1e-4
