@@ -1,6 +1,6 @@
 """How augment scales: time on big graphs (node count) and peak memory on big models (weight bytes).
 
-    python tools/bench_augment_scale.py --nodes 10000 --megabytes 500
+    python tools/bench_augment_scale.py --nodes 5000 10000 20000 --megabytes 200 500
 
 Graphs: a chain of N elementwise nodes between a Conv layer and a classifier head, once in file
 order and once reversed (exporters that ignore topological order); the time of `augment` alone.
@@ -124,11 +124,11 @@ def measure_memory(megabytes: int, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=10000)
+    parser.add_argument("--nodes", type=int, nargs="*", default=[10000])
     parser.add_argument("--megabytes", type=int, nargs="*", default=[500])
     args = parser.parse_args()
-    if args.nodes:
-        time_graphs(args.nodes)
+    for n_nodes in args.nodes:
+        time_graphs(n_nodes)
     with tempfile.TemporaryDirectory(prefix="onnxcam-scale-") as tmp:
         for megabytes in args.megabytes:
             measure_memory(megabytes, Path(tmp))
