@@ -24,22 +24,23 @@ def _branch(name, op, scale):
                              init)
 
 
-def _if_model():
+def _if_model(opset=13):
     """r = Relu(x); y = If(c, r*2, r+3) + r: the If's branches read r from the outer scope."""
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("If", ["c"], ["b"], name="branchy", then_branch=_branch("then", "Mul", 2.0),
                               else_branch=_branch("else", "Add", 3.0)),
              helper.make_node("Add", ["b", "r"], ["y"], name="sum")]
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
-    model = make_model(nodes, {"x": x, "c": np.array(True)}, ["y"])
+    model = make_model(nodes, {"x": x, "c": np.array(True)}, ["y"], opset=opset)
     return model, x
 
 
+@pytest.mark.parametrize("opset", [11, 13, 17, 21])
 @pytest.mark.parametrize("condition", [True, False])
-def test_if_reading_the_target_from_the_outer_scope_is_differentiated_like_torch(condition):
+def test_if_reading_the_target_from_the_outer_scope_is_differentiated_like_torch(condition, opset):
     """y = (r*2 if c else r+3) + r with r read by both branches from the outer scope: the branch's
     contribution used to be dropped (the gradient was 1 instead of 3 or 2)."""
-    model, x = _if_model()
+    model, x = _if_model(opset)
     seed = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
     r = np.maximum(x, 0)
     (g,), y = ort_vjp(model, {"x": x, "c": np.array(condition)}, ["r"], "y", seed)
