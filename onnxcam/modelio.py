@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .io.files import atomic_path
+from .io.files import atomic_path, check_output_file, default_permissions, temporary_directory
 from .errors import ModelLoadError, OnnxcamError, OutputError, UnsupportedModelError
 
 # 2 GB protobuf limit: larger models must keep their weights in external data.
@@ -176,14 +176,34 @@ def save_model(proto: onnx.ModelProto, out_path, refuse=()) -> Path:
         raise OutputError(f"{out}: is a directory; give a file name for the model")
     if not os.access(out_dir, os.W_OK):
         raise OutputError(f"{out_dir}: output directory is not writable")
-    large = weight_bytes(proto) > _PROTOBUF_LIMIT - 2**26  # leave room for the graph itself
+    if weight_bytes(proto) > _PROTOBUF_LIMIT - 2**26:  # leave room for the graph itself
+        return _save_with_external_data(proto, out, refuse)
     with atomic_path(out, "could not write the model") as tmp:
-        if large:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=out.name + ".data", size_threshold=1024)
-        else:
-            with open(tmp, "wb") as f:
-                write_model(proto, f)
+        with open(tmp, "wb") as f:
+            write_model(proto, f)
+    return out
+
+
+def _save_with_external_data(proto: onnx.ModelProto, out: Path, refuse=()) -> Path:
+    """Models over 2 GB: `out` plus its weights in `out.data`. Both are written in a private folder
+    beside `out` (removed on any failure or signal, so no partial data file is left), then renamed
+    into place, the data first. (onnx's saver moves the weights out of `proto`, as before.)"""
+    data = out.with_name(out.name + ".data")
+    for other in refuse:
+        if other is not None and _same_file(data, other):
+            raise OutputError(f"{data}: refusing to overwrite the input model's data; choose another output path")
+    check_output_file(data)
+    try:
+        with temporary_directory(f".{out.name}.", parent=out.parent if str(out.parent) else ".") as folder:
+            staged = Path(folder) / out.name
+            onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            for path in (staged, staged.with_name(data.name)):
+                default_permissions(path)
+            os.replace(staged.with_name(data.name), data)
+            os.replace(staged, out)
+    except OSError as exc:
+        raise OutputError(f"{out}: could not write the model ({exc.strerror or exc})") from None
     return out
 
 

@@ -55,3 +55,47 @@ def test_the_probe_feeds_large_weights_and_keeps_the_model_intact():
     assert infos["g"].shape == (infos["g"].shape[0], 40) and isinstance(infos["g"].shape[0], str)  # batch varies
     assert infos["y"].shape[0] == infos["g"].shape[0]
     assert model.SerializeToString() == before
+
+
+def _pretend_large(monkeypatch):
+    """Models over 2 GB are saved with external data: lower the threshold to a few kilobytes."""
+    from onnxcam import modelio
+    monkeypatch.setattr(modelio, "_PROTOBUF_LIMIT", 2**26 + 1024)
+
+
+def test_a_large_model_is_saved_with_its_data_file_and_nothing_else(tmp_path, monkeypatch):
+    _pretend_large(monkeypatch)
+    model = _model_with_every_kind_of_tensor()
+    expected = onnx.load_from_string(model.SerializeToString())
+    save_model(model, tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    back = onnx.load(str(tmp_path / "big.onnx"))  # loads the external data beside it
+    assert [numpy_helper.to_array(t).tolist() for t in back.graph.initializer] == \
+        [numpy_helper.to_array(t).tolist() for t in expected.graph.initializer]
+
+
+def test_an_interrupted_large_save_leaves_no_data_file_nor_folder(tmp_path, monkeypatch):
+    from onnxcam import modelio
+    _pretend_large(monkeypatch)
+    real_save = onnx.save_model
+
+    def save_then_interrupt(proto, path, *args, **kwargs):
+        real_save(proto, path, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(modelio.onnx, "save_model", save_then_interrupt)
+    (tmp_path / "keep.txt").write_text("mine")
+    import pytest
+    with pytest.raises(KeyboardInterrupt):
+        save_model(_model_with_every_kind_of_tensor(), tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_a_large_save_never_replaces_the_input_models_data(tmp_path, monkeypatch):
+    from onnxcam.errors import OutputError
+    import pytest
+    _pretend_large(monkeypatch)
+    data = tmp_path / "out.onnx.data"
+    data.write_bytes(b"the input model's weights")
+    with pytest.raises(OutputError, match="out.onnx.data: refusing to overwrite"):
+        save_model(_model_with_every_kind_of_tensor(), tmp_path / "out.onnx", refuse=[data])
+    assert data.read_bytes() == b"the input model's weights"

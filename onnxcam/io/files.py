@@ -137,12 +137,13 @@ def file_identity(path):
 
 
 @contextlib.contextmanager
-def temporary_directory(prefix: str = "onnxcam-"):
-    """A fresh private folder under $TMPDIR, removed with everything in it on any exit (interrupts
-    and signals included); created inside the cleanup scope, like `atomic_path`'s files."""
+def temporary_directory(prefix: str = "onnxcam-", parent=None):
+    """A fresh private folder under `parent` (default $TMPDIR), removed with everything in it on
+    any exit (interrupts and signals included); created inside the cleanup scope, like
+    `atomic_path`'s files."""
     import shutil
 
-    base = Path(tempfile.gettempdir())
+    base = Path(tempfile.gettempdir()) if parent is None else Path(os.fspath(parent))
     folder, owned = None, False
     try:
         while True:
