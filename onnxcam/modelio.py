@@ -42,7 +42,7 @@ def load_model(model, load_external_data: bool = True) -> onnx.ModelProto:
     if info.st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty; re-export the model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = read_model(path)
     except Exception as exc:  # protobuf raises DecodeError and others
         kind = _sniff(path)
         if kind:
@@ -61,6 +61,92 @@ def load_model(model, load_external_data: bool = True) -> onnx.ModelProto:
                                  f"({_first_line(exc)}); save the model and its data file together again") from None
     _check_tensor_sizes(proto, path)
     return proto
+
+
+def read_model(path) -> onnx.ModelProto:
+    """Parse an .onnx file (external data not loaded) holding at most one weight's bytes extra.
+
+    `onnx.load` reads the whole file, then parses it: the weights twice at the end. Here the
+    top-level fields are walked: everything but the graph, and the graph's fields but its
+    initializers, are gathered and parsed by protobuf as usual; each initializer is read and
+    parsed alone. The result equals what `onnx.load` gives (a test checks it); a file this walk
+    cannot follow is handed to `onnx.load`, whose error is the one reported."""
+    try:
+        return _read_streaming(path)
+    except _NotStreamable:
+        return onnx.load(str(path), load_external_data=False)
+
+
+class _NotStreamable(Exception):
+    pass
+
+
+def _read_streaming(path) -> onnx.ModelProto:
+    size = os.path.getsize(path)
+    proto = onnx.ModelProto()
+    model_fields, graph_fields = bytearray(), bytearray()
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            start = f.tell()
+            key = _read_varint(f)
+            if key != _GRAPH_TAG[0]:
+                model_fields += _raw_field(f, start, key & 7, size)
+                continue
+            length = _read_varint(f)
+            end = f.tell() + length
+            if end > size:
+                raise _NotStreamable
+            while f.tell() < end:
+                inner_start = f.tell()
+                inner_key = _read_varint(f)
+                if inner_key != _INITIALIZER_TAG[0]:
+                    graph_fields += _raw_field(f, inner_start, inner_key & 7, end)
+                    continue
+                length = _read_varint(f)
+                if f.tell() + length > end:
+                    raise _NotStreamable
+                proto.graph.initializer.add().ParseFromString(f.read(length))  # one weight at a time
+            if f.tell() != end:
+                raise _NotStreamable
+    # Merge, not parse: parsing would clear the initializers already in place. The gathered bytes
+    # hold no initializer and no graph field, so merging them is what a full parse does.
+    proto.MergeFromString(bytes(model_fields))
+    proto.graph.MergeFromString(bytes(graph_fields))
+    return proto
+
+
+def _raw_field(f, start: int, wire: int, limit: int) -> bytes:
+    """The bytes of one field (key and value) that began at `start`; `f` is past its key."""
+    if wire == 0:
+        _read_varint(f)
+    elif wire == 1:
+        f.seek(8, os.SEEK_CUR)
+    elif wire == 2:
+        length = _read_varint(f)
+        f.seek(length, os.SEEK_CUR)
+    elif wire == 5:
+        f.seek(4, os.SEEK_CUR)
+    else:  # groups (3, 4) and invalid wire types: not in ONNX files
+        raise _NotStreamable
+    end = f.tell()
+    if end > limit:
+        raise _NotStreamable
+    f.seek(start)
+    return f.read(end - start)
+
+
+def _read_varint(f) -> int:
+    value, shift = 0, 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise _NotStreamable
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise _NotStreamable
 
 
 _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
@@ -294,7 +380,7 @@ def input_files(model_path) -> list:
     path = Path(os.fspath(model_path))
     files = [path]
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = read_model(path)
     except Exception:
         return files
     for tensor in _all_tensors(proto):

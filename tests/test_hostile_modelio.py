@@ -99,3 +99,27 @@ def test_a_large_save_never_replaces_the_input_models_data(tmp_path, monkeypatch
     with pytest.raises(OutputError, match="out.onnx.data: refusing to overwrite"):
         save_model(_model_with_every_kind_of_tensor(), tmp_path / "out.onnx", refuse=[data])
     assert data.read_bytes() == b"the input model's weights"
+
+
+def test_the_streaming_reader_gives_what_onnx_load_gives(tmp_path):
+    """read_model walks the file field by field (one weight in memory at a time): same message as
+    onnx.load, for onnx's own serialisation (initializers first) and for ours (initializers last)."""
+    from onnxcam.modelio import _read_streaming, read_model
+
+    model = _model_with_every_kind_of_tensor()
+    model.functions.add().name = "f"  # a top-level field after the graph
+    onnx.save(model, str(tmp_path / "onnx.onnx"))
+    save_model(model, tmp_path / "ours.onnx")
+    for name in ("onnx.onnx", "ours.onnx"):
+        assert _read_streaming(tmp_path / name) == read_model(tmp_path / name) == onnx.load(str(tmp_path / name)) == model
+
+
+def test_the_streaming_reader_hands_damaged_files_to_onnx_load(tmp_path):
+    import pytest
+    from onnxcam.errors import ModelLoadError
+
+    data = _model_with_every_kind_of_tensor().SerializeToString()
+    for cut in (len(data) // 2, len(data) - 3, 5):
+        (tmp_path / "cut.onnx").write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError, match="cut.onnx"):
+            load_model(tmp_path / "cut.onnx")

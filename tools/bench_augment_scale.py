@@ -45,19 +45,23 @@ def chain_model(n_nodes: int, reverse: bool) -> onnx.ModelProto:
     return model
 
 
-def big_model(megabytes: int) -> onnx.ModelProto:
-    """input [N,3,32,32] -> Conv(3->32) -> Relu -> Flatten (32768) -> Gemm (M MB of weights) -> logits."""
+def big_model(megabytes: int, pieces: int = 1) -> onnx.ModelProto:
+    """input [N,3,32,32] -> Conv(3->32) -> Relu -> Flatten (32768) -> `pieces` Gemms sharing M MB of
+    weights -> Concat -> logits. One piece is the worst case for memory (a copy of one weight is a
+    copy of the model); real models spread their weights over many tensors."""
     rng = np.random.default_rng(0)
-    hidden = max(1, int(megabytes * 2**20 / 4 / 32768))
+    rows = max(1, int(megabytes * 2**20 / 4 / 32768 / pieces))
     nodes = [helper.make_node("Conv", ["input", "W"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
              helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
-             helper.make_node("Flatten", ["relu"], ["flat"], name="flat"),
-             helper.make_node("Gemm", ["flat", "G"], ["logits"], transB=1, name="fc")]
-    weights = rng.standard_normal((hidden, 32768), dtype=np.float32) * 0.01
+             helper.make_node("Flatten", ["relu"], ["flat"], name="flat")]
+    weights = [numpy_helper.from_array(rng.standard_normal((32, 3, 3, 3)).astype(np.float32), "W")]
+    for i in range(pieces):
+        nodes.append(helper.make_node("Gemm", ["flat", f"G{i}"], [f"part{i}"], transB=1, name=f"fc{i}"))
+        weights.append(numpy_helper.from_array(rng.standard_normal((rows, 32768), dtype=np.float32) * 0.01, f"G{i}"))
+    nodes.append(helper.make_node("Concat", [f"part{i}" for i in range(pieces)], ["logits"], axis=1, name="concat"))
     graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", hidden])],
-                              [numpy_helper.from_array(rng.standard_normal((32, 3, 3, 3)).astype(np.float32), "W"),
-                               numpy_helper.from_array(weights, "G")])
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", rows * pieces])],
+                              weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model
@@ -101,9 +105,9 @@ print(base, rss_kb("VmHWM:"), elapsed)
 """
 
 
-def measure_memory(megabytes: int, folder: Path) -> None:
+def measure_memory(megabytes: int, folder: Path, pieces: int = 1) -> None:
     path = folder / f"big{megabytes}.onnx"
-    onnx.save_model(big_model(megabytes), str(path))
+    onnx.save_model(big_model(megabytes, pieces), str(path))
     size = path.stat().st_size
     for mode in ("cli", "api", "probe"):
         out = folder / f"big{megabytes}.{mode}.cam.onnx"
@@ -115,7 +119,7 @@ def measure_memory(megabytes: int, folder: Path) -> None:
             continue
         base_kb, peak_kb, elapsed = result.stdout.strip().splitlines()[-1].split()
         above = (int(peak_kb) - int(base_kb)) * 1024
-        print(f"{size / 2**20:.0f} MB model, {mode}: {'probe_infos' if mode == 'probe' else 'augment'} {float(elapsed):.1f} s, peak RSS {int(peak_kb) / 1024:.0f} MB, "
+        print(f"{size / 2**20:.0f} MB model in {pieces} weight(s), {mode}: {'probe_infos' if mode == 'probe' else 'augment'} {float(elapsed):.1f} s, peak RSS {int(peak_kb) / 1024:.0f} MB, "
               f"{above / 2**20:.0f} MB above the {int(base_kb) / 1024:.0f} MB after imports = "
               f"{above / size:.2f}x the model ({int(peak_kb) * 1024 / size:.2f}x with the imports)")
         out.unlink(missing_ok=True)
@@ -126,12 +130,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="*", default=[10000])
     parser.add_argument("--megabytes", type=int, nargs="*", default=[500])
+    parser.add_argument("--pieces", type=int, nargs="*", default=[1, 50], help="weights the megabytes are split in")
     args = parser.parse_args()
     for n_nodes in args.nodes:
         time_graphs(n_nodes)
     with tempfile.TemporaryDirectory(prefix="onnxcam-scale-") as tmp:
         for megabytes in args.megabytes:
-            measure_memory(megabytes, Path(tmp))
+            for pieces in args.pieces:
+                measure_memory(megabytes, Path(tmp), pieces)
 
 
 if __name__ == "__main__":
