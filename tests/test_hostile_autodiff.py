@@ -416,3 +416,34 @@ def test_a_scripted_torch_export_with_a_data_dependent_if_matches_torch(shift):
     assert rel_err(result.outputs["logits"], logits) < 1e-5
     assert np.array_equal(result.class_index, classes)
     assert np.abs(result.cam - reference_cam("gradcam", pairs, (8, 8))).max() < 1e-4
+
+
+def test_a_loop_inside_a_branch_is_refused_naming_the_loop():
+    loop_model, _ = _loop_model()
+    loop = next(n for n in loop_model.graph.node if n.op_type == "Loop")
+    then_branch = helper.make_graph(
+        [helper.make_node("Mul", ["x", "zero"], ["acc0"]), loop], "then", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("If", ["c"], ["out"], name="outer", then_branch=then_branch,
+                              else_branch=_branch("else", "Mul", 1.0))]
+    x = np.random.default_rng(10).standard_normal((2, 3)).astype(np.float32)
+    model = make_model(nodes, {"x": x, "c": np.array(True)}, ["out"],
+                       initializers={"trips": np.array(2, np.int64), "zero": np.array(0.0, np.float32)})
+    with pytest.raises(NotDifferentiableError, match="'looper' \\(Loop.*unrolled"):
+        add_gradients(model, ["r"], "out")
+
+
+def test_an_if_reading_a_half_precision_layer_is_refused_clearly():
+    from onnxcam.errors import UnsupportedModelError
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("If", ["c"], ["y"], name="half_if",
+                              then_branch=_branch_graph("t", [helper.make_node("Neg", ["r"], ["t_out"])], "t_out"),
+                              else_branch=_branch_graph("e", [helper.make_node("Abs", ["r"], ["e_out"])], "e_out"))]
+    for branch in nodes[1].attribute:
+        branch.g.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    x = np.random.default_rng(11).standard_normal((2, 3)).astype(np.float16)
+    model = make_model(nodes, {"x": x, "c": np.array(True)}, ["y"])
+    with pytest.raises(UnsupportedModelError, match="'half_if' \\(If.*half-precision"):
+        add_gradients(model, ["r"], "y")
