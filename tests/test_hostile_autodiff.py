@@ -119,26 +119,80 @@ def _loop_model():
          helper.make_node("Add", ["acc_in", "r"], ["acc_out"], name="body_add")],
         "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
                  helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-                 helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None)],
+                 helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["A", "B"])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)])
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["A", "B"])])
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("Mul", ["x", "zero"], ["acc0"], name="zeros"),
              helper.make_node("Loop", ["trips", "", "acc0"], ["y"], name="looper", body=body)]
     x = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
-    model = make_model(nodes, {"x": x}, ["y"], initializers={"trips": np.array(2, np.int64),
-                                                             "zero": np.array(0.0, np.float32)})
+    model = make_model(nodes, {"x": x}, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                       initializers={"trips": np.array(2, np.int64), "zero": np.array(0.0, np.float32)})
     return model, x
 
 
-def test_loop_reading_the_target_is_refused_not_called_independent():
+def test_a_loop_reading_the_target_from_the_outer_scope_is_differentiated():
+    """It used to be reported as 'the score does not depend on the layer'."""
     model, x = _loop_model()
-    assert rel_err(run(model, {"x": x})["y"], 2 * np.maximum(x, 0)) < 1e-6
-    with pytest.raises(NotDifferentiableError) as info:
-        add_gradients(model, ["r"], "y")
-    message = str(info.value)
-    assert "'looper'" in message and "Loop" in message and "unrolled" in message
-    assert "does not depend" not in message
+    seed = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+    (g_r, g_x), y = ort_vjp(model, {"x": x}, ["r", "x"], "y", seed)
+    assert rel_err(y, 2 * np.maximum(x, 0)) < 1e-6
+    assert np.array_equal(g_r, 2 * seed) and rel_err(g_x, 2 * seed * (x > 0)) < 1e-7
+
+
+def _recurrent_loop_model(trip_limit, stop_after):
+    """h <- tanh(h * w + r) for at most `trip_limit` iterations, stopping after iteration `stop_after`
+    (the body's condition); scan output h * i at every step; y = sum over steps + final h.
+    r = Relu(x) is read from the outer scope, h0 = Sigmoid(x) is the loop-carried initial value."""
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["h_in", "w"], ["hw"]), helper.make_node("Add", ["hw", "r"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["h_out"]), helper.make_node("Cast", ["i"], ["fi"], to=TensorProto.DOUBLE),
+         helper.make_node("Mul", ["h_out", "fi"], ["step"]), helper.make_node("Less", ["i", "stop"], ["go_on"])],
+        "recurrent", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                      helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                      helper.make_tensor_value_info("h_in", TensorProto.DOUBLE, ["A", "B"])],
+        [helper.make_tensor_value_info("go_on", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.DOUBLE, ["A", "B"]),
+         helper.make_tensor_value_info("step", TensorProto.DOUBLE, ["A", "B"])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Sigmoid", ["x"], ["h0"], name="sig"),
+             helper.make_node("Loop", ["trips", "start", "h0"], ["h_final", "steps"], name="recurrence", body=body),
+             helper.make_node("ReduceSum", ["steps", "axis0"], ["summed"], keepdims=0, name="sum_steps"),
+             helper.make_node("Add", ["summed", "h_final"], ["y"], name="total")]
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3))
+    w = rng.standard_normal(3)
+    model = make_model(nodes, {"x": x}, [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3])],
+                       initializers={"trips": np.array(trip_limit, np.int64), "start": np.array(True),
+                                     "stop": np.array(stop_after, np.int64), "w": w, "axis0": np.array([0], np.int64)})
+    return model, x, w
+
+
+@pytest.mark.parametrize("trip_limit,stop_after", [(3, 10), (10, 2), (0, 5)])
+def test_a_recurrent_loop_matches_torch_unrolled(trip_limit, stop_after):
+    """Loop-carried state, scan outputs, a captured tensor, a trip count, an early stop from the body's
+    condition, and zero iterations: gradients at r (captured) and h0 (initial state) against torch
+    autograd of the unrolled loop in float64."""
+    import torch
+
+    model, x, w = _recurrent_loop_model(trip_limit, stop_after)
+    seed = np.random.default_rng(14).standard_normal((2, 3))
+    r, h0 = np.maximum(x, 0), 1 / (1 + np.exp(-x))
+    (g_r, g_h0), y = ort_vjp(model, {"x": x}, ["r", "h0"], "y", seed)
+
+    def unrolled(r_t, h_t):
+        steps, i = [], 0
+        while i < trip_limit:
+            h_t = torch.tanh(h_t * torch.from_numpy(w) + r_t)
+            steps.append(h_t * i)
+            if not i < stop_after:
+                break
+            i += 1
+        return (torch.stack(steps).sum(0) if steps else torch.zeros_like(h_t)) + h_t
+    (ref_r, ref_h0), ref_y = torch_vjp(unrolled, [r, h0], seed)
+    assert rel_err(y, ref_y) < 1e-12
+    assert rel_err(g_r, ref_r) < 1e-12 and rel_err(g_h0, ref_h0) < 1e-12
+    if trip_limit:
+        assert np.abs(ref_r).max() > 0.1
 
 
 def test_captures_are_found_at_any_depth():
@@ -418,20 +472,25 @@ def test_a_scripted_torch_export_with_a_data_dependent_if_matches_torch(shift):
     assert np.abs(result.cam - reference_cam("gradcam", pairs, (8, 8))).max() < 1e-4
 
 
-def test_a_loop_inside_a_branch_is_refused_naming_the_loop():
+@pytest.mark.parametrize("condition", [True, False])
+def test_a_loop_inside_an_if_branch_is_differentiated(condition):
+    """then: a Loop adding r (captured two scopes up) twice; else: r * 1."""
     loop_model, _ = _loop_model()
     loop = next(n for n in loop_model.graph.node if n.op_type == "Loop")
     then_branch = helper.make_graph(
         [helper.make_node("Mul", ["x", "zero"], ["acc0"]), loop], "then", [],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("If", ["c"], ["out"], name="outer", then_branch=then_branch,
                               else_branch=_branch("else", "Mul", 1.0))]
     x = np.random.default_rng(10).standard_normal((2, 3)).astype(np.float32)
-    model = make_model(nodes, {"x": x, "c": np.array(True)}, ["out"],
+    model = make_model(nodes, {"x": x, "c": np.array(condition)},
+                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])],
                        initializers={"trips": np.array(2, np.int64), "zero": np.array(0.0, np.float32)})
-    with pytest.raises(NotDifferentiableError, match="'looper' \\(Loop.*unrolled"):
-        add_gradients(model, ["r"], "out")
+    seed = np.random.default_rng(11).standard_normal(x.shape).astype(np.float32)
+    (g,), y = ort_vjp(model, {"x": x, "c": np.array(condition)}, ["r"], "out", seed)
+    assert rel_err(y, (2 if condition else 1) * np.maximum(x, 0)) < 1e-6
+    assert rel_err(g, (2 if condition else 1) * seed) < 1e-7
 
 
 def test_an_if_reading_a_half_precision_layer_is_refused_clearly():
@@ -447,3 +506,49 @@ def test_an_if_reading_a_half_precision_layer_is_refused_clearly():
     model = make_model(nodes, {"x": x, "c": np.array(True)}, ["y"])
     with pytest.raises(UnsupportedModelError, match="'half_if' \\(If.*half-precision"):
         add_gradients(model, ["r"], "y")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_scripted_torch_export_with_a_data_dependent_loop_matches_torch(batch):
+    """torch.jit.script turns `for _ in range(x.shape[0] + 1): h = tanh(h * 0.5 + a)` into a Loop
+    whose trip count depends on the batch and whose body reads the Relu output `a` from the outer
+    scope. Grad-CAM at that Relu against pytorch-grad-cam's formulas on the eager module."""
+    import io
+    import warnings
+
+    import torch
+
+    from cam_reference import activations_and_gradients, reference_cam
+    from onnxcam import Explainer
+
+    torch.manual_seed(2)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.fc = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            a = self.relu(self.conv(x))
+            h = torch.zeros_like(a)
+            for _ in range(x.shape[0] + 1):
+                h = torch.tanh(h * 0.5 + a)
+            return self.fc(h.mean((2, 3)))
+
+    net = Net().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(net), (torch.randn(2, 3, 8, 8),), buf, opset_version=13, dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    model = onnx.load_from_string(buf.getvalue())
+    loop_node = next(n for n in model.graph.node if n.op_type == "Loop")
+    relu_out = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    assert relu_out in captures(loop_node)
+    x = np.random.default_rng(9).standard_normal((batch, 3, 8, 8)).astype(np.float32)
+    result = Explainer(model, layer=relu_out)(x)
+    pairs, classes, logits = activations_and_gradients(net, [net.relu], x, None)
+    assert rel_err(result.outputs["logits"], logits) < 1e-5
+    assert np.array_equal(result.class_index, classes)
+    assert np.abs(result.cam - reference_cam("gradcam", pairs, (8, 8))).max() < 1e-4

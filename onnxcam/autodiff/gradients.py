@@ -20,7 +20,7 @@ from ..errors import NotDifferentiableError, UnsupportedModelError, LayerNotFoun
 from .emitter import Emitter
 from .graph import captures, node_reads, overridable_initializers, topological
 from .registry import ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
-from .shapes import TensorInfo, infer_infos, make_value_info, probe_infos
+from .shapes import TensorInfo, infer_body_infos, infer_infos, make_value_info, probe_infos
 
 SEED_INPUT = "onnxcam_seed"
 MIN_OPSET, MAX_OPSET = 11, 21
@@ -95,7 +95,8 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
             raise UnsupportedModelError(f"cannot learn the shapes of {len(unknown_rank)} tensor(s) on the path by "
                                         f"running the model in ONNX Runtime ({first}); check that the model runs "
                                         "in onnxruntime on its own") from None
-    ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants, body_gradients=_body_gradients)
+    ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants, body_gradients=_body_gradients,
+                      opset_imports=list(model.opset_import))
 
     if seed is None:
         seed = _add_seed_input(graph, score_tensor, infos)
@@ -153,40 +154,38 @@ def _backpropagate(ctx: RuleContext, path, contributions: Dict[str, List[str]], 
     return totals
 
 
-def _body_gradients(ctx: RuleContext, body, seeds: Dict[str, str], wrt: Sequence[str]) -> onnx.GraphProto:
-    """A graph computing, inside a control-flow body's scope, d(sum_j seed_j * output_j)/d(c) for
-    each outer tensor c in `wrt` that the body reads: the body's own nodes (recomputed: their
-    values live only inside the forward body), then their VJPs. `seeds` maps body output names to
-    outer gradient tensors. Outputs, in the order of `wrt`, are the gradients (zeros where none
-    reaches). Used by the If rule; nested bodies recurse through it."""
-    emit = ctx.emit
+def _body_gradients(ctx: RuleContext, body, seeds: Dict[str, str], wrt: Sequence[str],
+                    inputs: Optional[Dict[str, TensorInfo]] = None) -> Dict[str, Optional[str]]:
+    """Inside a control-flow body's scope (the caller opens it with `emit.nested()`, after defining
+    what the body's inputs need): the VJP nodes of `body`'s nodes for d(sum_j seed_j * output_j)/d(w),
+    w in `wrt` (outer names the body reads, or the body's own inputs). `seeds` maps body output
+    names to gradient tensors readable there. Returns each w's gradient, None where none reaches.
+    The body's forward nodes are not emitted: the caller recomputes them in the same scope. Used by
+    the If and Loop rules; nested bodies recurse through it. `inputs` types the body's inputs
+    where its own declarations say too little (shapes inside it are then inferred again)."""
     nodes = topological(body)
+    if inputs:
+        inferred = infer_body_infos(body, ctx.opset_imports, ctx.emit.infos, inputs)
+        for name, info in list(inputs.items()) + list(inferred.items()):
+            known = ctx.emit.infos.get(name)
+            if known is None or known.shape is None:
+                ctx.emit.infos[name] = info
     constants = ChainMap(_constant_values(body, nodes), ctx.constants)
-    active = _forward_active(nodes, wrt, emit.infos)
+    active = _forward_active(nodes, wrt, ctx.emit.infos)
     producers = {out: node for node in nodes for out in node.output if out}
     feeding = set()
     for output in seeds:
         feeding |= _feeds(output, producers)
     path = [n for n in nodes if any(o in active and o in feeding for o in n.output) and _touches(n, active)]
     _refuse_missing_rules(path, ctx.opset)
-    inner = RuleContext(emit=emit, opset=ctx.opset, active=active, constants=constants,
-                        body_gradients=ctx.body_gradients)
-    with emit.nested() as emitted:
-        contributions = {output: [g] for output, g in seeds.items()}
-        totals = _backpropagate(inner, path, contributions, set(wrt), {})
-        outputs = []
-        for name in wrt:
-            g = totals.get(name) or _total(emit, contributions.get(name), name)
-            g = emit.zeros_like(name) if g is None else g
-            outputs.append(emit.op("Identity", g, hint="body_grad"))  # defined inside, never an outer name
-    kept = _needed(list(nodes) + list(emitted), set(outputs))
-    value_infos = [make_value_info(name, TensorInfo(_grad_info(emit.infos.get(c)).dtype, None))
-                   for name, c in zip(outputs, wrt)]
-    return helper.make_graph(kept, emit.fresh(f"{body.name or 'body'}_grad"), [], value_infos,
-                             list(body.initializer))
+    inner = RuleContext(emit=ctx.emit, opset=ctx.opset, active=active, constants=constants,
+                        body_gradients=ctx.body_gradients, opset_imports=ctx.opset_imports)
+    contributions = {output: [g] for output, g in seeds.items()}
+    totals = _backpropagate(inner, path, contributions, set(wrt), {})
+    return {name: totals.get(name) or _total(ctx.emit, contributions.get(name), name) for name in wrt}
 
 
-def _needed(nodes, outputs: set) -> List[onnx.NodeProto]:
+def needed_nodes(nodes, outputs: set) -> List[onnx.NodeProto]:
     """The nodes that `outputs` need, in their order (reads of nested bodies count)."""
     needed, kept = set(outputs), []
     for node in reversed(nodes):
@@ -382,12 +381,8 @@ _QUANTIZED.update({op: ": integer output, no gradient" for op in ("ArgMax", "Arg
 
 
 _CONTROL_FLOW = {
-    "If": "control flow (a branch reads the layer) is not differentiated; re-export with the condition fixed "
-          "(a traced torch export keeps only the branch taken) or pick a layer after the If",
-    "Loop": "control flow (the loop body reads the layer) is not differentiated; re-export with the loop "
-            "unrolled (a traced export with a fixed trip count) or pick a layer after the Loop",
     "Scan": "control flow (the scan body reads the layer) is not differentiated; re-export with the scan "
-            "unrolled or pick a layer after the Scan",
+            "unrolled (or as a Loop) or pick a layer after the Scan",
 }
 
 

@@ -74,6 +74,24 @@ def _value_infos(graph) -> list:
     return found
 
 
+def infer_body_infos(body, model_opsets, infos: Dict[str, TensorInfo], inputs: Dict[str, TensorInfo]) -> Dict[str, TensorInfo]:
+    """Shapes inside a control-flow body when its declared inputs say too little (a Loop body's
+    carried values are often declared without a shape): shape inference on the body alone, with
+    `inputs` standing for its inputs and the outer tensors it reads typed from `infos`."""
+    from .graph import outer_reads
+
+    declared = [make_value_info(name, info) for name, info in inputs.items()]
+    outer = [make_value_info(name, infos[name]) for name in sorted(outer_reads(body))
+             if name not in inputs and infos.get(name) is not None and infos[name].dtype]
+    graph = helper.make_graph(list(body.node), "body", declared + outer, list(body.output), list(body.initializer))
+    model = helper.make_model(graph, opset_imports=list(model_opsets))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    return {vi.name: _info_from_value_info(vi) for vi in _value_infos(inferred.graph)}
+
+
 _SMALL_TENSOR = 1024  # elements; kept as values: data propagation of shapes may need them
 
 
