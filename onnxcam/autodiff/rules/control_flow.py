@@ -83,7 +83,8 @@ def loop(ctx, node, grads):
     carried_in = [i.name for i in body.input[2:]]  # the body's names of the state entering an iteration
     carried_out = [o.name for o in body.output[1:1 + n_carried]]
     scan_out = [o.name for o in body.output[1 + n_carried:]]
-    float_carried = [k for k in range(n_carried) if _body_input_dtype(body, 2 + k) in _FLOATS + _NARROW]
+    float_carried = [k for k in range(n_carried)
+                     if (_body_input_dtype(body, 2 + k) or ctx.info(node.input(2 + k)).dtype) in _FLOATS + _NARROW]
     outer = sorted(name for name in captures(proto) if name in ctx.active)
     _check(ctx, outer + [node.input(2 + k) for k in float_carried if node.input(2 + k)])
 
