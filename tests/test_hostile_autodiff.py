@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from harness import make_model, ort_vjp, rel_err, run, torch_vjp
+from harness import make_model, ort_vjp, rel_err, torch_vjp
 from onnxcam.autodiff import add_gradients
 from onnxcam.autodiff.graph import captures, overridable_initializers, topological
 from onnxcam.errors import NotDifferentiableError

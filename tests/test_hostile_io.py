@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from test_hardening import assert_error, cli, conv_net, digest, files_under, photo, save, write_image
-from onnxcam.errors import ImageError, InputError, OutputError
+from onnxcam.errors import ImageError, InputError
 from onnxcam.io import files as files_module
 from onnxcam.io.images import list_images, read_image
 from onnxcam.io.pipeline import Record, write_summary
