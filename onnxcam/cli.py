@@ -59,7 +59,13 @@ class _Group(click.Group):
         end = argv.index("--") if "--" in argv else len(argv)
         _Group.debug = "--debug" in argv[:end] or os.environ.get("ONNXCAM_DEBUG", "") not in ("", "0")
         argv = [a for a in argv[:end] if a != "--debug"] + argv[end:]
-        code = self._invoke_safely(argv, prog_name or "onnxcam", complete_var, **extra)
+        from .interrupts import exit_code, signals_as_exceptions
+
+        try:
+            with signals_as_exceptions():
+                code = self._invoke_safely(argv, prog_name or "onnxcam", complete_var, **extra)
+        except KeyboardInterrupt as exc:  # a signal just after the command returned: nothing to clean
+            code = exit_code(exc)
         if standalone_mode:
             sys.exit(code)
         return code
@@ -81,12 +87,16 @@ class _Group(click.Group):
                 raise
             _say("error", exc.format_message())
             return exc.exit_code
-        except click.Abort:
-            _say("error", "aborted")
-            return 1
-        except KeyboardInterrupt:
-            _say("error", "interrupted")
-            return 130
+        except (click.Abort, KeyboardInterrupt) as exc:
+            # Ctrl-C, SIGTERM, SIGHUP (see interrupts.py); click wraps KeyboardInterrupt in Abort.
+            from .interrupts import describe, exit_code
+
+            signal = exc if isinstance(exc, KeyboardInterrupt) else (exc.__cause__ or exc.__context__)
+            if not isinstance(signal, KeyboardInterrupt):
+                _say("error", "aborted")
+                return 1
+            _say("error", describe(signal))
+            return exit_code(signal)
         except BrokenPipeError:
             return 1
         except OnnxcamError as exc:
@@ -324,7 +334,8 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
                                   top_k=top_k, batch_size=batch_size, alpha=alpha, colormap=colormap,
                                   max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
                                   inputs=inputs, on_warning=_warn, progress=progress_bar, save_npy=save_npy,
-                                  overwrite=overwrite, report=report, on_info=click.echo)
+                                  overwrite=overwrite, report=report, on_info=click.echo,
+                                  protected=[pair.partition("=")[2] for pair in extra_inputs])
     except PartialRunError as exc:  # what succeeded is written: show it, then fail
         records, failure = exc.records, exc
     except BaseException:
@@ -400,16 +411,22 @@ def _option_value(text):
 
 
 def load_inputs(pairs) -> dict:
-    """NAME=FILE.npy strings to arrays, with one-line errors."""
+    """NAME=FILE.npy strings to arrays, with one-line errors; each file is checked before it is
+    read (a FIFO would block, /dev/zero never end)."""
+    import io
+
     import numpy as np
+
+    from .io.files import read_user_file
 
     inputs = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise UsageError(f"--input wants NAME=FILE.npy, got {pair!r}")
+        data = read_user_file(path, 2 ** 31, UsageError, f"--input {name} file", "give a smaller array")
         try:
-            inputs[name] = np.load(path, allow_pickle=False)
+            inputs[name] = np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--input {name}: cannot read {path} as a .npy array ({exc})") from None
     return inputs

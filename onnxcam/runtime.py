@@ -236,7 +236,16 @@ class Explainer:
     def _check_classes(self, class_index, n) -> Optional[np.ndarray]:
         if class_index is None:
             return None
-        classes = np.asarray(class_index, dtype=np.int64).reshape(-1)
+        raw = np.asarray(class_index)
+        if raw.dtype == np.bool_ or not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+            raise InputError(f"class_index must be an int or a sequence of ints; got {raw.dtype} {class_index!r:.60}")
+        if np.issubdtype(raw.dtype, np.floating):  # 1.7 must not quietly become class 1, nor -1.5 the top class
+            flat = raw.reshape(-1)
+            bad = flat[~np.isfinite(flat) | (flat != np.round(flat)) | (np.abs(flat) > 2**62)]
+            if bad.size:
+                raise InputError(f"class index {bad[0]!r} is not an integer; give whole class numbers "
+                                 "(or -1 for the top class)")
+        classes = raw.astype(np.int64).reshape(-1)
         if classes.size == 1 and n != 1:
             classes = np.full(n, classes[0], np.int64)
         if classes.shape != (n,):
@@ -292,8 +301,10 @@ def _session(proto: onnx.ModelProto, options, providers, label: str = "model"):
     if weight_bytes(proto) < _IN_MEMORY_LIMIT:
         return _with_ir_fallback(
             lambda p: ort.InferenceSession(p.SerializeToString(), options, providers=providers), proto, label)
-    import tempfile
-    with tempfile.TemporaryDirectory(prefix="onnxcam-") as tmp:
+    from .io.files import temporary_directory
+    # Created inside its cleanup scope and removed on any exit; the CLI turns SIGTERM/SIGHUP into
+    # exceptions so that this runs then too.
+    with temporary_directory("onnxcam-") as tmp:
         path = os.path.join(tmp, "augmented.onnx")
         # Tensor by tensor to the data file: no 2 GB limit, no second copy of the weights in memory.
         onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,

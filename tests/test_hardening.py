@@ -662,16 +662,16 @@ def test_disk_full_while_saving_a_model_leaves_no_partial_file(work, monkeypatch
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    real_save = onnx.save_model
+    real_write = modelio.write_model
 
-    def half_then_full(proto, path, *args, **kwargs):
-        real_save(proto, path, *args, **kwargs)
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
+    def half_then_full(proto, f):  # the streaming writer gets half-way, then the disk is full
+        real_write(proto, f)
+        f.flush()
+        f.truncate(f.tell() // 2)
         no_space()
 
     out = work["dir"] / "aug.onnx"
-    for patch in ((modelio.os, "replace", no_space), (modelio.onnx, "save_model", half_then_full)):
+    for patch in ((modelio.os, "replace", no_space), (modelio, "write_model", half_then_full)):
         with monkeypatch.context() as m:
             m.setattr(*patch)
             assert_error(cli("augment", work["model"], "-o", out), 1, "aug.onnx: could not write the model "

@@ -267,13 +267,13 @@ def test_unwritable_directory(tmp_path, monkeypatch):
     locked.chmod(0o500)
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # root ignores permissions: make the OS say no
         from onnxcam.io import files
-        real_access, real_mkstemp = os.access, files.tempfile.mkstemp
+        real_access, real_open = os.access, os.open
 
         def denied(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
         monkeypatch.setattr(files.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
-        monkeypatch.setattr(files.tempfile, "mkstemp",
-                            lambda *a, **k: denied() if str(k.get("dir")) == str(locked) else real_mkstemp(*a, **k))
+        monkeypatch.setattr(files.os, "open",  # the temporary file atomic_path creates in the folder
+                            lambda p, *a, **k: denied() if str(p).startswith(str(locked)) else real_open(p, *a, **k))
     try:
         with pytest.raises(OutputError, match="not writable"):
             ensure_output_dir(locked)

@@ -9,6 +9,7 @@ ints and emits tiny integer nodes only for what is dynamic.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -71,6 +72,18 @@ class Emitter:
         # pooling) is never materialised for the CAM formulas. The augmenter turns it on for the
         # methods only; the walker's rules always see plain nodes.
         self.fold_expands = False
+
+    @contextlib.contextmanager
+    def nested(self):
+        """Emit into a fresh node list (a subgraph's body) for the duration of the block; yields
+        that list. Cached Shape nodes are scoped with it: a name defined inside a body must not be
+        reused outside. Constants still go to the main graph's initializers (bodies read them)."""
+        saved = self.nodes, self._shape_cache
+        self.nodes, self._shape_cache = [], {}
+        try:
+            yield self.nodes
+        finally:
+            self.nodes, self._shape_cache = saved
 
     # ------------------------------------------------------------------ names and raw nodes
     def fresh(self, hint: str) -> str:

@@ -13,8 +13,11 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UsageError
+from .files import read_user_file
 
 IMAGENET = "imagenet"
+MAX_LABELS_BYTES = 64 * 2**20
+MAX_CLASSES = 10_000_000
 
 
 def imagenet_labels() -> list:
@@ -27,11 +30,12 @@ def load_labels(path=None) -> list:
     if path is None or path == IMAGENET:
         return imagenet_labels()
     path = Path(os.fspath(path))
+    if not path.exists():
+        raise UsageError(f"{path}: labels file not found")
+    data = read_user_file(path, MAX_LABELS_BYTES, UsageError, "labels file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: labels file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: cannot read the labels file ({exc})") from None
     stripped = text.lstrip()
     if stripped.startswith(("[", "{")):
@@ -56,6 +60,8 @@ def _json_labels(path, text) -> list:
             items = {int(k): _name(v) for k, v in data.items()}
         except ValueError:
             raise UsageError(f"{path}: a JSON labels object must map class indices to names") from None
+        if items and max(items) >= MAX_CLASSES:  # {"1000000000": "x"} must not allocate a billion names
+            raise UsageError(f"{path}: class index {max(items)} is beyond {MAX_CLASSES - 1}; is this a labels file?")
         labels = [""] * (max(items) + 1 if items else 0)
         for index, name in items.items():
             if index >= 0:

@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .._version import __version__
-from ..errors import ImageError, OutputError, UsageError
-from .files import atomic_write_bytes
+from ..errors import ImageError, NonFiniteError, OutputError, UsageError
+from .files import atomic_write_bytes, check_output_file, file_identity
 from .images import DEFAULT_MAX_PIXELS, read_image
 from .labels import label_for
 from .overlay import DEFAULT_ALPHA, DEFAULT_COLORMAP, blend, colormap_id, write_png
@@ -114,7 +114,8 @@ class ExplainRun:
                  colormap: str = DEFAULT_COLORMAP, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                  on_warning: Callable[[str], None] = lambda message: None, inputs=None,
                  on_image_error: Optional[Callable[[str], None]] = None, options: Optional[RunOptions] = None,
-                 save_npy: str = "float32", overwrite: bool = False, thumbnails: bool = False):
+                 save_npy: str = "float32", overwrite: bool = False, thumbnails: bool = False,
+                 protected=()):
         if class_index is not None and top_k is not None:
             raise UsageError("give either --class or --top-k, not both")
         if top_k is not None and top_k < 1:
@@ -152,10 +153,16 @@ class ExplainRun:
         self.overwrite = overwrite
         self.thumbnails = thumbnails
         self._stems = set()
-        self._written = set()
         self._coincidences = set()
+        # Files no output may replace: the photos of the run (found in `run`) and what the caller
+        # names (the model, a labels file, --input arrays...), compared by identity (links too).
+        self._protected = {i for i in map(file_identity, protected) if i is not None}
+        self._written = set()  # output paths of this run, so that no two outputs share a name
 
     def run(self, sources: Sequence[Source], progress: Optional[Callable[[int], None]] = None) -> RunResult:
+        """Explain `sources` batch by batch. A photo that cannot be read, or whose model output is
+        NaN/Inf, is reported (on_warning) and recorded in `failures`; the others go on."""
+        self.prepare(sources)
         result = RunResult()
         for start in range(0, len(sources), self.batch_size):
             chunk = sources[start:start + self.batch_size]
@@ -164,13 +171,44 @@ class ExplainRun:
                 try:
                     loaded.append((source, self._load(source)))
                 except ImageError as exc:
-                    result.failures.append(exc)
-                    self.on_image_error(str(exc))
+                    self._fail(result, exc)
             if loaded:
-                result.records.extend(self._explain_batch(loaded))
+                self._explain_or_isolate(loaded, result)
             if progress is not None:
                 progress(len(chunk))
         return result
+
+    def prepare(self, sources: Sequence[Source]) -> None:
+        """Protect the photos from being overwritten and check where the summary goes."""
+        for source in sources:
+            if not isinstance(source.image, np.ndarray):
+                identity = file_identity(source.image)
+                if identity is not None:
+                    self._protected.add(identity)
+        self._check_summary_path()
+
+    def _explain_or_isolate(self, loaded, result: RunResult) -> None:
+        """A batch whose outputs are not finite is explained again photo by photo, so that only the
+        photos at fault are left out (with their names), not their batch."""
+        try:
+            result.records.extend(self._explain_batch(loaded))
+            return
+        except NonFiniteError as exc:
+            if len(loaded) == 1:
+                self._fail(result, NonFiniteError(f"{loaded[0][0].name}: {exc}"))
+                return
+        for item in loaded:
+            self._explain_or_isolate([item], result)
+
+    def _fail(self, result: RunResult, exc) -> None:
+        result.failures.append(exc)
+        self.on_image_error(str(exc))
+
+    def _check_summary_path(self) -> None:
+        summary = self.out_dir / SUMMARY_NAME
+        if file_identity(summary) in self._protected:
+            raise OutputError(f"{summary}: is one of the inputs; choose another output directory (-o)")
+        check_output_file(summary)
 
     def _load(self, source: Source) -> np.ndarray:
         if isinstance(source.image, np.ndarray):
@@ -194,6 +232,8 @@ class ExplainRun:
                 ranked = [(0, self._explain(x, order[:, 0]))]
             for rank in range(1, order.shape[1]):
                 ranked.append((rank, self._explain(x, order[:, rank])))
+        for _, res in ranked:
+            self._check_finite(res)
         self._note_coincidences(first)
         records = []
         for i, (source, photo) in enumerate(loaded):
@@ -205,6 +245,20 @@ class ExplainRun:
                     record.top, record.photo_thumbnail = top, photo_thumb
                     records.append(record)
         return records
+
+    def _check_finite(self, res) -> None:
+        """The map may be finite while the score or the model's output is not (a NaN that the
+        gradient does not see): such a result has no meaningful class or score, refuse it."""
+        bad = ~np.isfinite(np.asarray(res.score, dtype=np.float64))
+        what = "the explained score"
+        output = res.outputs.get(self.explainer.output_name)
+        if output is not None and np.issubdtype(np.asarray(output).dtype, np.floating) and np.ndim(output) >= 1:
+            rows = ~np.isfinite(np.asarray(output, dtype=np.float64).reshape(len(output), -1)).all(axis=1)
+            if rows.any():
+                bad, what = bad | rows, f"the model's output {self.explainer.output_name!r}"
+        if bad.any():
+            raise NonFiniteError(f"{what} is NaN/Inf although the input is finite; nothing was written for this "
+                                 "image (check the model on it alone in onnxruntime)")
 
     def _explain(self, x, class_index):
         if not self.inputs:
@@ -253,9 +307,7 @@ class ExplainRun:
             name = f"{stem}_{k}_{self._method_token(method)}"
             if several_layers and layer not in ("fused", ""):
                 name += f"_{self.layer_tokens[layer]}"
-            png = self.out_dir / f"{name}.png"
-            npy = None if self.save_npy == "none" else self.out_dir / f"{name}.npy"
-            self._claim(png, npy)
+            png, npy = self._output_paths(name)
             all_zero = not bool(np.nanmax(heat) > 0) if np.isfinite(heat).any() else True
             if all_zero:
                 self.on_warning(self._zero_map_message(source.name, k, label, method, layer))
@@ -273,6 +325,34 @@ class ExplainRun:
     def _method_token(self, method: str) -> str:
         """The method as written in file names: gradcam++ -> gradcampp; a counterfactual run says so."""
         return _file_safe(method) + ("-counterfactual" if self.counterfactual else "")
+
+    def _output_paths(self, name: str):
+        """`<name>.png` and `.npy`, or `<name>-2.png`... when that name is taken by an input of the run
+        (explaining photos into their own folder must never replace a photo), by another output of
+        this run, or by something that is not a regular file. A file of an earlier run is refused
+        unless --overwrite."""
+        n = 1
+        while True:
+            suffix = "" if n == 1 else f"-{n}"
+            png = self.out_dir / f"{name}{suffix}.png"
+            npy = None if self.save_npy == "none" else self.out_dir / f"{name}{suffix}.npy"
+            paths = [p for p in (png, npy) if p is not None]
+            if not any(self._taken(p) for p in paths):
+                self._claim(*paths)
+                return png, npy
+            n += 1
+
+    def _taken(self, path: Path) -> bool:
+        if path in self._written:
+            return True
+        identity = file_identity(path)
+        if identity is None:
+            return False
+        try:
+            check_output_file(path)
+        except OutputError:
+            return True
+        return identity in self._protected
 
     def _claim(self, *paths) -> None:
         """Refuse to overwrite a file from an earlier run (or from this one) unless asked to."""
@@ -409,8 +489,10 @@ def _unique_tokens(names) -> Dict[str, str]:
 
 
 def write_summary(out_dir, records: Sequence[Record], name: str = SUMMARY_NAME) -> Path:
-    """All records as JSON lines, written atomically."""
-    text = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
+    """All records as JSON lines, written atomically. A float that is not finite is written as
+    null: a bare NaN is not JSON, and would break every strict reader of the file."""
+    text = "".join(json.dumps(_finite_or_null(asdict(r)), ensure_ascii=False, allow_nan=False) + "\n"
+                   for r in records)
     return atomic_write_bytes(Path(os.fspath(out_dir)) / name, text.encode("utf-8"))
 
 
@@ -433,7 +515,7 @@ def refuse_earlier_run(out_dir, overwrite: bool, report: bool) -> None:
         return
     out_dir = Path(os.fspath(out_dir))
     for path in [out_dir / SUMMARY_NAME] + ([out_dir / "index.html"] if report else []):
-        if path.exists():
+        if path.is_file():  # a FIFO or device there is refused by name when the run checks its outputs
             raise OutputError(f"{path}: exists (from an earlier run?); choose another --out-dir or pass --overwrite "
                               "to replace the earlier results")
 
@@ -468,16 +550,16 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
                     colormap=DEFAULT_COLORMAP, max_pixels=None, inputs=None,
                     on_warning: Callable[[str], None] = lambda message: None, progress=None,
                     save_npy: str = "float32", overwrite: bool = False, report: bool = False,
-                    on_info: Callable[[str], None] = lambda message: None) -> List[Record]:
+                    on_info: Callable[[str], None] = lambda message: None, protected=()) -> List[Record]:
     """Preprocess, explain and write; returns the summary records. Shared by `explain` and `demo`.
     `progress(total)` may return a context manager whose value has update(n) (a progress bar).
     With `report`, also writes index.html (io.report). Raises PartialRunError (with the records
-    of the images that worked, already written) when some images could not be read."""
+    of the images that worked, already written) when some images could not be read or explained.
+    `protected`: files no output may replace besides the photos (the model, labels, --input arrays)."""
     from .labels import labels_for_model
     from .preprocess import input_size
 
     out_dir = Path(os.fspath(out_dir))
-    refuse_earlier_run(out_dir, overwrite, report)
     preset, preset_source = choose_preset(explainer, preset)
     on_info(preset_note(preset, preset_source))
     if preset_source == "default":
@@ -492,7 +574,10 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
     run = ExplainRun(explainer, pre, out_dir, labels=labels, class_index=class_index, top_k=top_k,
                      batch_size=batch_size, alpha=alpha, colormap=colormap, max_pixels=max_pixels, inputs=inputs,
                      on_warning=on_warning, on_image_error=on_warning if many else (lambda message: None),
-                     options=options, save_npy=save_npy, overwrite=overwrite, thumbnails=report)
+                     options=options, save_npy=save_npy, overwrite=overwrite, thumbnails=report,
+                     protected=[p for p in [getattr(explainer, "label", None), labels_path, *protected] if p])
+    run.prepare(sources)  # an input where an output would go is refused first, by name
+    refuse_earlier_run(out_dir, overwrite, report)
     if many and progress is not None:
         with progress(len(sources)) as bar:
             result = run.run(sources, progress=bar.update)
@@ -507,8 +592,9 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
     if result.failures:
         if not many:
             raise result.failures[0]
-        raise PartialRunError(f"{len(result.failures)} of {len(sources)} images could not be read (see the warnings "
-                              f"above); explained the other {len(sources) - len(result.failures)}", result.records)
+        raise PartialRunError(f"{len(result.failures)} of {len(sources)} images could not be read or explained (see "
+                              f"the warnings above); explained the other {len(sources) - len(result.failures)}",
+                              result.records)
     return result.records
 
 
@@ -556,3 +642,7 @@ def table(rows, headers) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
     return "\n".join(lines)
+
+
+def _finite_or_null(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
