@@ -218,7 +218,8 @@ def augment(model, out, layer, method, output, vjp, portable, keep_probabilities
     if any(_same_file(out, other) for other in refuse):
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
     proto = load_model(model)
-    augmented = do_augment(proto, spec=spec, name=str(model), portable=portable)
+    # The CLI loaded this copy itself: edited in place, the weights are never held twice.
+    augmented = do_augment(proto, spec=spec, name=str(model), portable=portable, inplace=True)
     save_model(augmented, out, refuse=refuse)
     meta = {p.key: p.value for p in augmented.metadata_props}
     click.echo(f"wrote {out} (method {meta.get('onnxcam.method', method)}, "

@@ -129,6 +129,8 @@ class Explainer:
         for cam in [values[CAM_OUTPUT]] + list(cams.values()):
             if not np.all(np.isfinite(cam)):
                 raise self._non_finite(values, cam)
+        if not np.all(np.isfinite(values[SCORE_OUTPUT])):  # a finite map of a NaN score means nothing
+            raise self._non_finite(values, values[SCORE_OUTPUT].reshape(-1, 1))
         return ExplainResult(cam=values[CAM_OUTPUT], class_index=values[CLASS_OUTPUT], score=values[SCORE_OUTPUT],
                              outputs={k: values[k] for k in self.original_outputs},
                              layer_cams=values.get(LAYER_CAMS_OUTPUT),
