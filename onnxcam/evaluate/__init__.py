@@ -1,0 +1,17 @@
+"""Is a map faithful? Metrics that judge explanations, run on the plain model through ONNX Runtime.
+
+Maps come from the public `onnxcam.Explainer` (any method it accepts) or from outside as arrays;
+the perturbed images of every metric are scored in batches through one session of the original
+model. Each metric is a small function in its own module, with its paper in the docstring:
+
+- perturbation.py   deletion / insertion AUC (Petsiuk et al. 2018)
+- road.py           ROAD MoRF / LeRF / combined, noisy linear imputation (Rong et al. 2022)
+- confidence.py     average drop / increase in confidence (Chattopadhay et al. 2018)
+- localisation.py   pointing game, energy-based pointing game, top-k precision, Grad-CAM's box IoU
+- sanity.py         cascading model-parameter randomisation (Adebayo et al. 2018)
+- class_sensitivity.py  top vs least likely class (Rebuffi et al. 2020)
+- run.py            `evaluate(...)`: all of them for every image x method; report.py writes them out
+"""
+
+from .run import DEFAULT_METRICS, METRICS, Evaluation, EvaluationSettings, evaluate  # noqa: F401
+from .scoring import ScoreModel  # noqa: F401
