@@ -13,6 +13,9 @@ def __getattr__(name):
     if name == "layers":
         from .cam.layers import layers
         return layers
+    if name == "evaluate":  # the package onnxcam.evaluate, callable as onnxcam.evaluate(...)
+        from . import evaluate
+        return evaluate
     if name == "Explainer":
         from .runtime import Explainer
         return Explainer
