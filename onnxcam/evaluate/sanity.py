@@ -55,19 +55,34 @@ def weight_layers(proto: onnx.ModelProto) -> List[onnx.NodeProto]:
 
 
 def randomised_copy(proto: onnx.ModelProto, nodes: List[onnx.NodeProto], rng: np.random.Generator) -> onnx.ModelProto:
-    """A copy of the model with the constant weights of `nodes` re-drawn."""
-    names = {node.input[i] for node in nodes for i in WEIGHT_INPUTS[node.op_type] if i < len(node.input)}
+    """A copy of the model with the constant weights of `nodes` re-drawn.
+
+    Each re-drawn weight gets its own new initializer and only that node's input is re-wired:
+    exporters share one initializer between equal tensors (torch gives a fresh BatchNormalization's
+    running variance as an Identity of its all-ones scale), and re-drawing the shared tensor would
+    hand the normalisation a negative variance.
+    """
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    for tensor in copy.graph.initializer:
-        if tensor.name not in names:
-            continue
-        values = numpy_helper.to_array(tensor)
-        if not np.issubdtype(values.dtype, np.floating):
-            continue
-        scale = float(values.std()) or float(np.abs(values).mean()) or 0.01
-        fresh = rng.normal(0.0, scale, size=values.shape).astype(values.dtype)
-        tensor.CopyFrom(numpy_helper.from_array(fresh, tensor.name))
+    originals = {t.name: t for t in copy.graph.initializer}
+    targets = [node for node, original in zip(copy.graph.node, proto.graph.node)
+               if any(original == wanted for wanted in nodes)]  # protobuf messages compare by value
+    for k, node in enumerate(targets):
+        for i in WEIGHT_INPUTS[node.op_type]:
+            if i >= len(node.input) or node.input[i] not in originals:
+                continue
+            values = numpy_helper.to_array(originals[node.input[i]])
+            if not np.issubdtype(values.dtype, np.floating):
+                continue
+            scale = float(values.std()) or float(np.abs(values).mean()) or 0.01
+            fresh = rng.normal(0.0, scale, size=values.shape).astype(values.dtype)
+            name = f"{node.input[i]}.randomised{k}"
+            copy.graph.initializer.append(numpy_helper.from_array(fresh, name))
+            node.input[i] = name
+    used = {name for node in copy.graph.node for name in node.input} | {o.name for o in copy.graph.output}
+    kept = [t for t in copy.graph.initializer if t.name in used]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
     return copy
 
 
