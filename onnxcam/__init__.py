@@ -14,8 +14,8 @@ def __getattr__(name):
         from .cam.layers import layers
         return layers
     if name == "evaluate":  # the package onnxcam.evaluate, callable as onnxcam.evaluate(...)
-        from . import evaluate
-        return evaluate
+        import importlib
+        return importlib.import_module(__name__ + ".evaluate")
     if name == "Explainer":
         from .runtime import Explainer
         return Explainer

@@ -51,8 +51,8 @@ def pointing_game(cam: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -
         import cv2
 
         distance = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, 5)
-        return bool(any(distance[r, c] <= tolerance for r, c in peaks))
-    return bool(any(region[r, c] for r, c in peaks))
+        return bool((distance[peaks[:, 0], peaks[:, 1]] <= tolerance).any())
+    return bool(region[peaks[:, 0], peaks[:, 1]].any())
 
 
 def energy_pointing_game(cam: np.ndarray, region: np.ndarray) -> float:

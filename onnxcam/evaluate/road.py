@@ -61,7 +61,8 @@ def noisy_linear_impute(image: np.ndarray, keep: np.ndarray, noise: float = NOIS
         from scipy.sparse import coo_matrix
         from scipy.sparse.linalg import spsolve
     except ImportError:
-        raise UsageError("ROAD's imputation needs SciPy; pip install scipy") from None
+        raise UsageError('ROAD\'s imputation needs SciPy: pip install "onnxcam[evaluate]" (or leave out the '
+                         "road metric: --metrics deletion,insertion,...)") from None
     c, h, w = image.shape
     keep = np.asarray(keep, bool)
     flat = image.reshape(c, -1).astype(np.float64)
