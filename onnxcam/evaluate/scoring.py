@@ -32,7 +32,7 @@ class ScoreModel:
 
     def __init__(self, model, output: Optional[str] = None, score: str = "probability",
                  batch_size: int = DEFAULT_BATCH, providers: Optional[Sequence[str]] = None,
-                 score_fn: Optional[ScoreFn] = None):
+                 score_fn: Optional[ScoreFn] = None, threads: Optional[int] = None):
         import onnxruntime as ort
 
         if score not in SCORES:
@@ -48,6 +48,8 @@ class ScoreModel:
         self.score, self.batch_size, self.score_fn = score, batch_size, score_fn
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         self.session = _plain_session(self.proto, options, choose_providers(providers), self.label)
         self.output_name = output or self._only_class_output(score_fn is not None)
         self.forward_passes = 0  # images run, for the benchmark and the tests
