@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -122,13 +121,14 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
         classes = _classes(class_index, scorer, x, start, len(loaded))
         for method in methods:
             cams, classes_used = source.maps(method, x, classes)
-            evaluation.records.extend(_evaluate_maps(
-                method, cams, classes_used, x, chunk, scorer, source, metrics, settings, boxes, masks, start,
-                layer=",".join(source.explainer(method).layers)))
+            batch = _Batch(method, np.asarray(cams), np.asarray(classes_used, np.int64), x, chunk, start, scorer,
+                           source, settings, boxes, masks)
+            evaluation.records.extend(_evaluate_maps(batch, metrics, ",".join(source.explainer(method).layers)))
         for name, given in maps.items():
             cams = check_maps(np.asarray(given)[start:start + len(chunk)], len(chunk), scorer.spatial_size(x), name)
-            evaluation.records.extend(_evaluate_maps(
-                name, cams, classes, x, chunk, scorer, None, metrics, settings, boxes, masks, start, layer=""))
+            batch = _Batch(name, cams, np.asarray(classes, np.int64), x, chunk, start, scorer, None, settings,
+                           boxes, masks)
+            evaluation.records.extend(_evaluate_maps(batch, metrics, ""))
         if progress is not None:
             progress(len(chunk))
     return evaluation
@@ -200,66 +200,105 @@ def _region(item: _Image, index: int, boxes, masks):
     return None, None
 
 
-def _evaluate_maps(method, cams, classes, x, chunk, scorer, source, metrics, settings, boxes, masks, offset,
-                   layer) -> List[dict]:
-    s = settings
-    classes = np.asarray(classes, dtype=np.int64)
-    cams = np.asarray(cams)
-    records = [{"image": item.name, "method": method, "layer": layer, "class_index": int(k)}
-               for item, k in zip(chunk, classes)]
+@dataclass
+class _Batch:
+    """One chunk of images and one method's maps: what every metric runner reads."""
 
-    def put(key, values):
-        for record, value in zip(records, values):
-            record[key] = _plain(value)
+    method: str
+    cams: np.ndarray  # [N, H, W] at the model input's resolution
+    classes: np.ndarray  # [N]
+    x: np.ndarray
+    items: List[_Image]
+    offset: int  # index of the first image in the whole run
+    scorer: ScoreModel
+    source: Optional[MapSource]  # None for maps given from outside
+    settings: EvaluationSettings
+    boxes: Optional[dict]
+    masks: object
 
-    if "deletion" in metrics:
-        result = perturbation.deletion(scorer, x, cams, classes, s.steps, s.deletion_baseline)
-        put("deletion_auc", result.auc)
-        put("deletion_curve", list(result.curves))
-    if "insertion" in metrics:
-        result = perturbation.insertion(scorer, x, cams, classes, s.steps, s.insertion_baseline)
-        put("insertion_auc", result.auc)
-        put("insertion_curve", list(result.curves))
-    if "road" in metrics:
-        morf = road_metric.road(scorer, x, cams, classes, "morf", s.road_percentiles, s.road_noise, s.seed)
-        lerf = road_metric.road(scorer, x, cams, classes, "lerf", s.road_percentiles, s.road_noise, s.seed)
-        put("road_morf", morf.score)
-        put("road_lerf", lerf.score)
-        put("road_combined", road_metric.road_combined(morf, lerf))
-    if "confidence" in metrics:
-        result = confidence_metric.confidence_change(scorer, x, cams, classes)
-        put("score", result.original)
-        put("drop_in_confidence", result.drop)
-        put("relative_drop", result.relative_drop)
-        put("increase_in_confidence", result.increase)
-    if "class_sensitivity" in metrics and source is not None and scorer.score_fn is None:
-        result = sensitivity_metric.class_sensitivity(source, method, x, scorer)
-        put("class_sensitivity_pearson", result.pearson)
-        put("class_sensitivity_spearman", result.spearman)
-    if "sanity" in metrics and source is not None:
-        result = sanity_metric.cascading_randomisation(source, method, x, cams, classes, s.sanity_stages, s.seed)
-        if result.stages:
-            put("sanity_spearman", result.stages[-1].spearman)
-            put("sanity_ssim", result.stages[-1].ssim)
-        for i, record in enumerate(records):
-            record["sanity_stages"] = [{"stage": st.stage, "node": st.node, "op": st.op,
-                                        "spearman": _plain(st.spearman[i]), "ssim": _plain(st.ssim[i])}
-                                       for st in result.stages]
-    if set(metrics) & set(GROUND_TRUTH_METRICS):
-        for i, (item, record) in enumerate(zip(chunk, records)):
-            region, box_list = _region(item, offset + i, boxes, masks)
-            if region is None:
-                continue
-            cam = item.geometry.to_original(cams[i]) if item.geometry is not None else cams[i]
-            if "pointing" in metrics:
-                record["pointing_game"] = float(localisation.pointing_game(cam, region, s.pointing_tolerance))
-                record["energy_pointing_game"] = localisation.energy_pointing_game(cam, region)
-                k = max(1, int(round(s.top_k_fraction * cam.size)))
-                record["top_k_precision"] = localisation.top_k_precision(cam, region, k)
-            if "localisation" in metrics and box_list:
-                iou = localisation.localisation_iou(cam, box_list, s.wsol_fraction)
-                record["localisation_iou"] = iou
-                record["localisation_hit"] = float(iou >= 0.5)
+
+# Each runner returns {record key: [one value per image]}; `evaluate` merges them into the records.
+
+def _deletion(b: _Batch) -> dict:
+    result = perturbation.deletion(b.scorer, b.x, b.cams, b.classes, b.settings.steps, b.settings.deletion_baseline)
+    return {"deletion_auc": result.auc, "deletion_curve": list(result.curves)}
+
+
+def _insertion(b: _Batch) -> dict:
+    result = perturbation.insertion(b.scorer, b.x, b.cams, b.classes, b.settings.steps,
+                                    b.settings.insertion_baseline)
+    return {"insertion_auc": result.auc, "insertion_curve": list(result.curves)}
+
+
+def _road(b: _Batch) -> dict:
+    s = b.settings
+    morf, lerf = (road_metric.road(b.scorer, b.x, b.cams, b.classes, order, s.road_percentiles, s.road_noise, s.seed)
+                  for order in ("morf", "lerf"))
+    return {"road_morf": morf.score, "road_lerf": lerf.score, "road_combined": road_metric.road_combined(morf, lerf)}
+
+
+def _confidence(b: _Batch) -> dict:
+    result = confidence_metric.confidence_change(b.scorer, b.x, b.cams, b.classes)
+    return {"score": result.original, "drop_in_confidence": result.drop, "relative_drop": result.relative_drop,
+            "increase_in_confidence": result.increase}
+
+
+def _class_sensitivity(b: _Batch) -> dict:
+    if b.source is None or b.scorer.score_fn is not None:
+        return {}  # needs the Explainer (maps for other classes) and a class table
+    result = sensitivity_metric.class_sensitivity(b.source, b.method, b.x, b.scorer)
+    return {"class_sensitivity_pearson": result.pearson, "class_sensitivity_spearman": result.spearman}
+
+
+def _sanity(b: _Batch) -> dict:
+    if b.source is None:
+        return {}  # needs the Explainer to re-explain the randomised model
+    result = sanity_metric.cascading_randomisation(b.source, b.method, b.x, b.cams, b.classes,
+                                                   b.settings.sanity_stages, b.settings.seed)
+    out = {"sanity_stages": [[{"stage": st.stage, "node": st.node, "op": st.op, "spearman": st.spearman[i],
+                               "ssim": st.ssim[i]} for st in result.stages] for i in range(len(b.x))]}
+    if result.stages:
+        out.update(sanity_spearman=result.stages[-1].spearman, sanity_ssim=result.stages[-1].ssim)
+    return out
+
+
+def _ground_truth(b: _Batch, pointing: bool, boxes_needed: bool) -> dict:
+    s = b.settings
+    out: Dict[str, list] = {}
+    for i, item in enumerate(b.items):
+        region, box_list = _region(item, b.offset + i, b.boxes, b.masks)
+        if region is None or (boxes_needed and not box_list):
+            continue
+        cam = item.geometry.to_original(b.cams[i]) if item.geometry is not None else b.cams[i]
+        if pointing:
+            k = max(1, int(round(s.top_k_fraction * cam.size)))
+            values = {"pointing_game": float(localisation.pointing_game(cam, region, s.pointing_tolerance)),
+                      "energy_pointing_game": localisation.energy_pointing_game(cam, region),
+                      "top_k_precision": localisation.top_k_precision(cam, region, k)}
+        else:
+            iou = localisation.localisation_iou(cam, box_list, s.wsol_fraction)
+            values = {"localisation_iou": iou, "localisation_hit": float(iou >= 0.5)}
+        for key, value in values.items():
+            out.setdefault(key, [None] * len(b.items))[i] = value
+    return out
+
+
+RUNNERS: Dict[str, Callable[[_Batch], dict]] = {
+    "deletion": _deletion, "insertion": _insertion, "road": _road, "confidence": _confidence,
+    "class_sensitivity": _class_sensitivity, "sanity": _sanity,
+    "pointing": lambda b: _ground_truth(b, pointing=True, boxes_needed=False),
+    "localisation": lambda b: _ground_truth(b, pointing=False, boxes_needed=True),
+}
+
+
+def _evaluate_maps(batch: _Batch, metrics, layer: str) -> List[dict]:
+    records = [{"image": item.name, "method": batch.method, "layer": layer, "class_index": int(k)}
+               for item, k in zip(batch.items, batch.classes)]
+    for metric in metrics:
+        for key, values in RUNNERS[metric](batch).items():
+            for record, value in zip(records, values):
+                if value is not None:
+                    record[key] = _plain(value)
     return records
 
 
