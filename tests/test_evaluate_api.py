@@ -168,3 +168,14 @@ def test_outside_maps_of_the_wrong_shape(model_path):
     with pytest.raises(UsageError, match=r"\[2, 16, 16\]"):
         onnxcam.evaluate(model_path, positive_images(2), methods=[], maps={"m": np.zeros((2, 8, 8))},
                          metrics=["deletion"])
+
+
+def test_custom_score_for_other_targets(model_path):
+    """Targets other than a class pass score_fn(outputs, classes): here, region 1's sum whatever the class."""
+    x = positive_images(2)
+    region_one = onnxcam.evaluate(model_path, x, methods="hirescam", metrics=["deletion"], steps=4,
+                                  score_fn=lambda outputs, classes: outputs["logits"][:, 1])
+    expected = (x[:, 0] * MASKS[1]).sum(axis=(1, 2))
+    for record, first in zip(region_one.records, expected):
+        assert record["deletion_curve"][0] == pytest.approx(first, rel=1e-5)
+        assert record["deletion_curve"][-1] == pytest.approx(0.0, abs=1e-5)
