@@ -155,6 +155,9 @@ def test_cli_writes_table_files_and_plots(model_path, tmp_path):
     (["--metrics", "wobble"], "unknown metric"),
     (["--method", "nosuchcam"], "nosuchcam"),
     (["--steps", "0"], "--steps"),
+    (["--wsol-fraction", "1.5"], "localisation threshold"),
+    (["--road-noise", "-1"], "ROAD noise"),
+    (["--sanity-stages", "-2"], "--sanity-stages"),
 ])
 def test_cli_bad_requests_are_one_line_errors(model_path, tmp_path, args, message):
     photo = tmp_path / "p.png"
@@ -162,6 +165,7 @@ def test_cli_bad_requests_are_one_line_errors(model_path, tmp_path, args, messag
     result = CliRunner().invoke(main, ["evaluate", str(model_path), str(photo), "-o", str(tmp_path / "o")] + args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()  # no empty output folder left behind
 
 
 def test_outside_maps_of_the_wrong_shape(model_path):

@@ -75,6 +75,8 @@ def evaluate_command(model, images, out_dir, methods, outside_maps, metrics, lay
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if sanity_stages < 0:
+        raise UsageError(f"--sanity-stages must be 0 (every layer) or more, got {sanity_stages}")
     if class_index is not None and class_index < 0:
         raise UsageError(f"--class must be a class index >= 0, got {class_index}")
     maps = {}
@@ -87,7 +89,6 @@ def evaluate_command(model, images, out_dir, methods, outside_maps, metrics, lay
         except (OSError, ValueError) as exc:
             raise UsageError(f"--map {name}: cannot read {path} as a .npy array ({exc})") from None
     method_list = _split(methods) or ([] if maps else ["gradcam"])
-    ensure_output_dir(out_dir)
     kwargs = dict(methods=method_list, maps=maps, metrics=_split(metrics) or None, layer=list(layer) or "auto",
                   class_index=class_index, output=output, score=score, boxes=boxes, masks=masks,
                   batch_size=batch_size, providers=[provider] if provider else None, preset=preset, size=size,
@@ -103,15 +104,29 @@ def evaluate_command(model, images, out_dir, methods, outside_maps, metrics, lay
                    f"(e.g. {found.skipped[0]})", err=True)
     if not found.images:
         raise UsageError(f"no images found in {', '.join(map(str, images))}")
-    if _stderr_is_tty() and len(found.images) > 1:
-        with click.progressbar(length=len(found.images), label="evaluating", file=sys.stderr) as bar:
-            result = evaluate(model, found.images, progress=bar.update, **kwargs)
-    else:
-        result = evaluate(model, found.images, **kwargs)
-    written = write_all(result, out_dir)
+    created = not Path(out_dir).exists()
+    ensure_output_dir(out_dir)  # before the long run: an unwritable folder fails first
+    try:
+        if _stderr_is_tty() and len(found.images) > 1:
+            with click.progressbar(length=len(found.images), label="evaluating", file=sys.stderr) as bar:
+                result = evaluate(model, found.images, progress=bar.update, **kwargs)
+        else:
+            result = evaluate(model, found.images, **kwargs)
+        written = write_all(result, out_dir)
+    except BaseException:
+        if created:
+            _remove_if_empty(out_dir)  # a failed run leaves no empty folder behind
+        raise
     click.echo(summary_table(result))
     click.echo(f"\nwrote {len(result.records)} record(s) to {Path(out_dir) / 'metrics.jsonl'} and "
                f"{len(written) - 1} other file(s) in {out_dir}")
+
+
+def _remove_if_empty(folder) -> None:
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass
 
 
 def _stderr_is_tty() -> bool:

@@ -40,6 +40,27 @@ class EvaluationSettings:
     sanity_stages: Optional[int] = 5
     seed: int = 0
 
+    def check(self) -> None:
+        """One clear error for a setting out of range, before any work."""
+        problems = []
+        if int(self.steps) < 1:
+            problems.append(f"steps must be at least 1 (got {self.steps})")
+        if self.road_noise < 0:
+            problems.append(f"the ROAD noise is a standard deviation >= 0 (got {self.road_noise})")
+        if not all(0 < p < 100 for p in self.road_percentiles):
+            problems.append(f"ROAD percentiles must lie strictly between 0 and 100 (got {list(self.road_percentiles)})")
+        if self.pointing_tolerance < 0:
+            problems.append(f"the pointing tolerance is a distance in pixels >= 0 (got {self.pointing_tolerance})")
+        if not 0 < self.top_k_fraction <= 1:
+            problems.append(f"the top-k fraction must be in (0, 1] (got {self.top_k_fraction})")
+        if not 0 < self.wsol_fraction <= 1:
+            problems.append(f"the localisation threshold is a fraction of the maximum in (0, 1] "
+                            f"(got {self.wsol_fraction})")
+        if self.sanity_stages is not None and self.sanity_stages < 1:
+            problems.append(f"sanity stages must be at least 1, or None for every layer (got {self.sanity_stages})")
+        if problems:
+            raise UsageError("; ".join(problems))
+
 
 @dataclass
 class Evaluation:
@@ -102,6 +123,7 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
         if not hasattr(settings, key):
             raise UsageError(f"evaluate(): unknown option {key!r}")
         setattr(settings, key, value)
+    settings.check()
     methods = [methods] if isinstance(methods, str) else list(methods or [])
     maps = dict(maps or {})
     if not methods and not maps:
