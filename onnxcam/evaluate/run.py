@@ -135,12 +135,12 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
                         score_fn=score_fn)
     source = MapSource(model, layer=layer, target=target, target_options=target_options, output=output,
                        providers=providers, batch_size=batch_size)
-    loaded = _load_images(images, scorer, source if methods else None, preset, size, resize, bgr)
+    loaders = _image_list(images, scorer, preset, size, resize, bgr)
     evaluation = Evaluation(settings=settings)
-    for start in range(0, len(loaded), batch_size):
-        chunk = loaded[start:start + batch_size]
+    for start in range(0, len(loaders), batch_size):
+        chunk = [load() for load in loaders[start:start + batch_size]]
         x = np.stack([item.tensor for item in chunk])
-        classes = _classes(class_index, scorer, x, start, len(loaded))
+        classes = _classes(class_index, scorer, x, start, len(loaders))
         for method in methods:
             cams, classes_used = source.maps(method, x, classes)
             batch = _Batch(method, np.asarray(cams), np.asarray(classes_used, np.int64), x, chunk, start, scorer,
@@ -180,12 +180,15 @@ def _classes(class_index, scorer, x, start, total) -> np.ndarray:
     return classes[start:start + len(x)]
 
 
-def _load_images(images, scorer, explainer_source, preset, size, resize, bgr) -> List[_Image]:
+def _image_list(images, scorer, preset, size, resize, bgr) -> List[Callable[[], _Image]]:
+    """One loader per image: photos are read and preprocessed only when their chunk comes up, so a
+    long list never sits in memory as tensors."""
     if isinstance(images, np.ndarray):
         if images.ndim != 4:
             raise UsageError(f"images: a batch must be 4-D in the model's layout ({scorer.layout}), got {images.shape}")
         h, w = scorer.spatial_size(images)
-        return [_Image(f"image{i}", np.asarray(img, np.float32), None, (h, w)) for i, img in enumerate(images)]
+        return [lambda i=i: _Image(f"image{i}", np.asarray(images[i], np.float32), None, (h, w))
+                for i in range(len(images))]
     from ..io.images import list_images, read_image
     from ..io.preprocess import PRESET_METADATA_KEY, PRESETS, Preprocessor, input_size
 
@@ -198,12 +201,13 @@ def _load_images(images, scorer, explainer_source, preset, size, resize, bgr) ->
     channels = scorer.input_shape[1] if scorer.layout == "NCHW" else scorer.input_shape[3]
     pre = Preprocessor(size=input_size(scorer.input_shape, scorer.layout, size), preset=preset, resize=resize,
                        bgr=bgr, layout=scorer.layout, channels=channels if channels in (1, 3) else 3)
-    loaded = []
-    for path in found.images:
+
+    def load(path):
         photo = read_image(path)
         tensor, geometry = pre(photo)
-        loaded.append(_Image(str(path), tensor, geometry, photo.shape[:2]))
-    return loaded
+        return _Image(str(path), tensor, geometry, photo.shape[:2])
+
+    return [lambda p=p: load(p) for p in found.images]
 
 
 def _region(item: _Image, index: int, boxes, masks):
