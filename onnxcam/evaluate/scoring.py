@@ -16,8 +16,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import onnx
 
-from ..cam.inputs import image_input
-from ..errors import InputError, OnnxcamError, UsageError
+from ..errors import InputError, OnnxcamError, UnsupportedModelError, UsageError
 from ..modelio import load_model
 from ..providers import choose_providers
 
@@ -41,18 +40,28 @@ class ScoreModel:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
         self.proto = load_model(model)
         self.label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
-        image = image_input(self.proto, self.label)
-        self.input_name, self.layout, self.input_shape = image.name, image.layout, tuple(image.shape)
-        self.spatial_axes = image.spatial_axes
-        self._dtype = onnx.helper.tensor_dtype_to_np_dtype(image.dtype)
         self.score, self.batch_size, self.score_fn = score, batch_size, score_fn
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
         self.session = _plain_session(self.proto, options, choose_providers(providers), self.label)
+        image = self._image_input()
+        self.input_name, self.input_shape = image.name, tuple(image.shape)
+        # The channel axis is the one of size 1, 3 or 4 (as onnxcam.cam.inputs decides for the Explainer).
+        self.layout = "NHWC" if image.shape[1] not in (1, 3, 4) and image.shape[3] in (1, 3, 4) else "NCHW"
+        self.spatial_axes = (2, 3) if self.layout == "NCHW" else (1, 2)
+        self._dtype = np.float16 if image.type == "tensor(float16)" else np.float64 \
+            if image.type == "tensor(double)" else np.float32
         self.output_name = output or self._only_class_output(score_fn is not None)
         self.forward_passes = 0  # images run, for the benchmark and the tests
+
+    def _image_input(self):
+        """The first 4-D floating-point input, read from the session (no look inside the graph)."""
+        for node_arg in self.session.get_inputs():
+            if len(node_arg.shape) == 4 and node_arg.type in ("tensor(float)", "tensor(float16)", "tensor(double)"):
+                return node_arg
+        raise UnsupportedModelError(f"{self.label}: the model has no 4-D floating-point input (an image batch)")
 
     def _only_class_output(self, custom: bool) -> str:
         names = [o.name for o in self.session.get_outputs()]
