@@ -54,7 +54,8 @@ def test_attribution_shares_reproduce_the_committed_table():
         assert measured[model].keys() == committed[model].keys()
         for attribution, values in committed[model].items():
             for key, value in values.items():
-                assert measured[model][attribution][key] == pytest.approx(value, abs=1e-6), (model, attribution, key)
+                # 1e-3: the README's three decimals; other CPUs' float rounding may flip a tie at rank k
+                assert measured[model][attribution][key] == pytest.approx(value, abs=1e-3), (model, attribution, key)
     # the paper's finding for input gradients: a standard model's put no more mass on the digit than on
     # the null block, a robust model's clearly more
     standard, robust = measured["standard"]["input gradient"], measured["robust"]["input gradient"]
