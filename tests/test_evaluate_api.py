@@ -182,3 +182,24 @@ def test_custom_score_for_other_targets(model_path):
     for record, first in zip(region_one.records, expected):
         assert record["deletion_curve"][0] == pytest.approx(first, rel=1e-5)
         assert record["deletion_curve"][-1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_cli_masks_folder(model_path, tmp_path):
+    """Mask images with the photo's stem; the map of class 0 lies in region 0 only (unit preset: x > 0)."""
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(1)
+    cv2.imwrite(str(photos / "p.png"), rng.integers(60, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    cv2.imwrite(str(masks / "p.png"), (MASKS[0] * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["evaluate", str(model_path), str(photos), "--method", "hirescam", "--class", "0",
+                                       "--metrics", "pointing", "--masks", str(masks), "--preset", "unit",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["pointing_game"] == 1.0 and record["energy_pointing_game"] == pytest.approx(1.0)
+    cv2.imwrite(str(masks / "p.png"), np.zeros((SIZE + 1, SIZE), np.uint8))
+    result = CliRunner().invoke(main, ["evaluate", str(model_path), str(photos), "--metrics", "pointing",
+                                       "--masks", str(masks), "-o", str(out)])
+    assert result.exit_code == 2 and "mask is 16x17" in result.output
