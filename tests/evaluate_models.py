@@ -23,10 +23,12 @@ def region_masks(size: int = SIZE):
     return np.stack([first, second])
 
 
-def region_model(masks: np.ndarray, opset: int = 13):
+def region_model(masks: np.ndarray, opset: int = 13, nhwc: bool = False):
+    """nhwc: the model takes [N, S, S, 1] and transposes it first (a TensorFlow-style input)."""
     k, h, w = masks.shape
-    nodes = [
-        helper.make_node("Conv", ["x", "w", "b"], ["features"], name="conv"),
+    first = [helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2], name="to_nchw")] if nhwc else []
+    nodes = first + [
+        helper.make_node("Conv", ["x_nchw" if nhwc else "x", "w", "b"], ["features"], name="conv"),
         helper.make_node("Mul", ["features", "masks"], ["masked"], name="select"),
         helper.make_node("ReduceSum", ["masked", "axes"], ["logits"], keepdims=0, name="sum"),
     ]
@@ -34,7 +36,8 @@ def region_model(masks: np.ndarray, opset: int = 13):
              numpy_helper.from_array(np.zeros(k, np.float32), "b"),
              numpy_helper.from_array(masks[None].astype(np.float32), "masks"),
              numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
-    graph = helper.make_graph(nodes, "region", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, h, w])],
+    shape = ["N", h, w, 1] if nhwc else ["N", 1, h, w]
+    graph = helper.make_graph(nodes, "region", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8

@@ -249,3 +249,19 @@ def test_similarities_match_scipy_and_skimage():
     assert 0.1 < expected < 0.95
     assert similarity.ssim(a, b) == pytest.approx(expected, abs=1e-10)
     assert np.isnan(similarity.pearson(a, np.zeros_like(a)))  # an all-zero map has no ranking
+
+
+@pytest.mark.parametrize("baseline", ["zeros", "blur", "mean"])
+def test_nhwc_models_give_the_same_curves(baseline):
+    nchw = ScoreModel(region_model(MASKS), score="logit")
+    nhwc = ScoreModel(region_model(MASKS, nhwc=True), score="logit")
+    assert nhwc.layout == "NHWC" and nhwc.spatial_axes == (1, 2)
+    x = positive_images(2)
+    maps, classes = random_maps(2), np.zeros(2, np.int64)
+    a = perturbation.deletion(nchw, x, maps, classes, steps=8, baseline=baseline)
+    b = perturbation.deletion(nhwc, x.transpose(0, 2, 3, 1), maps, classes, steps=8, baseline=baseline)
+    np.testing.assert_allclose(a.curves, b.curves, rtol=1e-5)
+    assert a.curves.std() > 1
+    ra = road.road(nchw, x, maps, classes, "morf", (50,), noise=0.0)
+    rb = road.road(nhwc, x.transpose(0, 2, 3, 1), maps, classes, "morf", (50,), noise=0.0)
+    np.testing.assert_allclose(ra.changes, rb.changes, rtol=1e-5)
