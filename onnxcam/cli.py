@@ -467,5 +467,7 @@ def demo(out_dir, method, provider, model_path):
     run_demo(out_dir, method=method, provider=provider, model_path=model_path)
 
 
+from .evaluate.cli import evaluate_command; main.add_command(evaluate_command)  # noqa: E402,E702
+
 if __name__ == "__main__":  # pragma: no cover
     main()
