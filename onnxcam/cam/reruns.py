@@ -55,12 +55,18 @@ class Reruns:
         axes = list(range(1, emit.rank(seeded)))
         linear = emit.reduce("ReduceSum", emit.op("Mul", self.seed, seeded), axes, keepdims=False)
         self.offset = _float32(emit, emit.op("Sub", chosen.score, linear))  # [N]: bias and the like
+        self.score = _float32(emit, chosen.score)  # [N]: the un-masked run's score
         self._batch_symbol = image.shape[0] if isinstance(image.shape[0], str) else None
 
     # ------------------------------------------------------------------ what methods call
     def channel_axis(self, layer: str) -> int:
         layout = activation_layout(self.emit, layer, self.image, self.spec.layout, self.analysis.producers)
         return 1 if layout == "NCHW" else self.emit.rank(layer) - 1
+
+    def image_dims(self) -> list:
+        """[C, H, W] of the input image (dims: ints or run-time [1] tensors)."""
+        dims = self.emit.dims(self.image.name)
+        return [dims[1], dims[2], dims[3]] if self.image.layout == "NCHW" else [dims[3], dims[1], dims[2]]
 
     def as_input(self, x_nchw: str) -> str:
         """A float32 NCHW image batch in the model input's layout and type."""
@@ -182,9 +188,11 @@ class Reruns:
              helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
             [helper.make_tensor_value_info(keep_going, TensorProto.BOOL, []),
              helper.make_tensor_value_info(scores, TensorProto.FLOAT, [chunk, None])])
-        stacked = e.op("Loop", e.const(np.array(runs, np.int64), TensorProto.INT64), "", body=body, hint=f"{tag}_loop")
-        e.set_info(stacked, TensorProto.FLOAT, (runs * chunk, None))
-        return stacked if runs * chunk == count else e.slice(stacked, [0], [count], [0])
+        stacked = e.fresh(f"{tag}_scores")  # Loop needs its (empty) condition input: not through e.op
+        e.nodes.append(helper.make_node("Loop", [e.const(np.array(runs, np.int64), TensorProto.INT64), ""], [stacked],
+                                        name=e.fresh(f"{tag}_loop"), body=body))
+        flat = e.op("Reshape", stacked, e.ints([runs * chunk, -1]))  # Loop stacks: [runs, chunk, N]
+        return flat if runs * chunk == count else e.slice(flat, [0], [count], [0])
 
 
 _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}

@@ -1,0 +1,182 @@
+"""Methods that weigh channels by what happens to the score when something is masked, re-running
+(part of) the model inside the graph (cam/reruns.py: variants folded into the batch, in chunks).
+
+Score-CAM and Ablation-CAM are channel weightings of one layer (the shared CAM pipeline does the
+rest, as pytorch-grad-cam's BaseCAM); Group-CAM produces its map at the input's resolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from ...errors import UsageError
+from .gradient_cams import SPATIAL, weighted_sum
+from .registry import Needs, layer_method, map_method
+
+GROUPCAM_EPS = 1e-30  # the authors divide by (max - min) and return nothing for a flat map: zeros here
+SCORECAM_EPS = 1e-8  # pytorch-grad-cam's (maxs - mins + 1e-8)
+ABLATION_OFFSET = 1e7  # pytorch-grad-cam's AblationLayer: min - 1e7 when the layer's minimum is not 0
+RERUN_NEEDS = Needs(activation=True, reruns=True)
+
+
+@layer_method("scorecam", needs=RERUN_NEEDS, with_context=True)
+def scorecam(ctx, layer, A, G, chunk_size=None):
+    """Score-CAM (Wang et al. 2020), pytorch-grad-cam's recipe: each channel map upsampled to the
+    input (bilinear, corners aligned), min-max normalised, multiplied into the input; the weights
+    are the softmax over channels of the masked inputs' scores."""
+    e, reruns = ctx.emit, ctx.rerun()
+    channels = _channels(e, A, "scorecam")
+    image = ctx.input()
+    h_axis, w_axis = ctx.image.spatial_axes
+    image_dims = e.dims(ctx.image.name)
+
+    def masked_inputs(indices, chunk):
+        picked = e.op("Gather", A, indices, axis=1)  # [N, chunk, h, w]
+        n = e.dims(A)[0]
+        sizes = e.shape_of([n, chunk, image_dims[h_axis], image_dims[w_axis]])
+        up = e.resize(picked, sizes, mode="linear", coordinate_transformation_mode="align_corners")
+        low = e.reduce("ReduceMin", up, SPATIAL, keepdims=True)
+        high = e.reduce("ReduceMax", up, SPATIAL, keepdims=True)
+        masks = e.op("Div", e.op("Sub", up, low), e.op("Add", e.op("Sub", high, low), e.scalar(SCORECAM_EPS, up)))
+        masks = e.unsqueeze(e.op("Transpose", masks, perm=[1, 0, 2, 3]), [2])  # [chunk, N, 1, H, W]
+        rows = e.op("Mul", masks, e.unsqueeze(image, [0]))  # [chunk, N, C, H, W]
+        return reruns.as_input(e.reshape(rows, [-1] + reruns.image_dims()))
+
+    scores = reruns.scores(ctx.image.name, channels, masked_inputs, chunk_size, tag="scorecam")  # [C, N]
+    weights = e.op("Softmax", e.op("Transpose", scores, perm=[1, 0]), axis=1)  # over channels
+    return weighted_sum(e, e.unsqueeze(weights, [2, 3]), A)
+
+
+@layer_method("ablationcam", needs=RERUN_NEEDS, with_context=True)
+def ablationcam(ctx, layer, A, G, chunk_size=None):
+    """Ablation-CAM (Desai & Ramaswamy 2020), as pytorch-grad-cam: each channel of the layer set to
+    0 (to min - 1e7 when the layer's minimum is not 0), only the part of the network after the
+    layer re-run; w_k = (score - score without channel k) / score."""
+    e, reruns = ctx.emit, ctx.rerun()
+    channels = _channels(e, A, "ablationcam")
+    axis = reruns.channel_axis(layer)
+    rank = e.rank(layer)
+    value = _ablation_value(e, layer, rank)  # [N, 1...]
+    shape = [1] * (rank + 1)
+    shape[axis + 1] = channels  # [variant, N, ...layer axes] with the channels at their axis
+    channel_ids = e.const(np.arange(channels, dtype=np.int64).reshape(shape), TensorProto.INT64)
+
+    def ablated(indices, chunk):
+        dropped = e.op("Equal", e.reshape(indices, [chunk] + [1] * rank), channel_ids)
+        rows = e.op("Where", dropped, e.unsqueeze(value, [0]), e.unsqueeze(layer, [0]))  # [chunk, N, ...]
+        return e.reshape(rows, [-1] + e.dims(layer)[1:])
+
+    scores = reruns.scores(layer, channels, ablated, chunk_size, tag="ablationcam")  # [C, N]
+    score = e.unsqueeze(reruns.score, [0])  # [1, N]: the un-ablated run's
+    weights = e.op("Div", e.op("Sub", score, scores), score)
+    return weighted_sum(e, e.unsqueeze(e.op("Transpose", weights, perm=[1, 0]), [2, 3]), A)
+
+
+@map_method("groupcam", Needs(activation=True, gradient=True, reruns=True))
+def groupcam(ctx, groups=32, threshold=70.0, chunk_size=None, blur_kernel=51, blur_sigma=50.0):
+    """Group-CAM (Zhang et al. 2021), the authors' code: channels weighted by their mean gradient,
+    split into `groups` groups (torch.chunk), each group's summed map kept above its 70th
+    percentile, upsampled and normalised into a mask; the input blended with its Gaussian blur
+    (51 x 51, sigma 50, reflected border) through each mask; w_g = p(masked) - p(blurred) of the
+    class; map = relu(sum_g w_g mask_g), min-max. One map per layer, their mean for several."""
+    e, reruns = ctx.emit, ctx.rerun()
+    image = ctx.input()
+    blurred = gaussian_blur(e, image, ctx.image.channels, int(blur_kernel), float(blur_sigma))
+    maps = []
+    for layer in ctx.layers:
+        A, G = ctx.activation(layer), ctx.gradient(layer)
+        maps.append(_group_map(ctx, reruns, layer, A, G, image, blurred, int(groups), float(threshold), chunk_size))
+    fused = maps[0] if len(maps) == 1 else e.reduce("ReduceMean", e.op("Concat", *maps, axis=1), [1], keepdims=True)
+    return _minmax(e, fused)
+
+
+# ---------------------------------------------------------------------- pieces
+def _channels(e, A, method) -> int:
+    c = e.info(A).shape[1] if e.info(A).shape else None
+    if not isinstance(c, int):
+        raise UsageError(f"{method} re-runs the model once per channel: the layer's channel count must be known")
+    return c
+
+
+def _ablation_value(e, layer, rank):
+    """0 where the image's activations at the layer have minimum 0 (after a ReLU), else min - 1e7."""
+    low = e.reduce("ReduceMin", layer, list(range(1, rank)), keepdims=True)
+    zero = e.scalar(0.0, layer)
+    return e.op("Where", e.op("Equal", low, zero), zero, e.op("Sub", low, e.scalar(ABLATION_OFFSET, layer)))
+
+
+def _group_map(ctx, reruns, layer, A, G, image, blurred, groups, threshold, chunk_size):
+    e = ctx.emit
+    channels = _channels(e, A, "groupcam")
+    n, _, h, w = e.dims(A)
+    if not (isinstance(h, int) and isinstance(w, int)):
+        raise UsageError("groupcam needs the layer's spatial size to be known (a fixed input size)")
+    size = -(-channels // groups)  # torch.chunk: groups of ceil(C / groups), maybe fewer groups
+    count = -(-channels // size)
+    weighted = e.op("Mul", e.reduce("ReduceMean", G, SPATIAL, keepdims=True), A)
+    pad = count * size - channels
+    if pad:
+        weighted = e.op("Concat", weighted, e.zeros([n, pad, h, w], TensorProto.FLOAT), axis=1)
+    grouped = e.reduce("ReduceSum", e.reshape(weighted, [n, count, size, h, w]), [2], keepdims=False)
+    grouped = e.op("Relu", grouped)  # [N, G, h, w]
+    cut = _percentile(e, e.reshape(grouped, [n, count, h * w]), threshold, h * w)  # [N, G, 1]
+    kept = e.op("Where", e.op("Greater", grouped, e.unsqueeze(cut, [3])), grouped, e.scalar(0.0, grouped))
+    h_axis, w_axis = ctx.image.spatial_axes
+    image_dims = e.dims(ctx.image.name)
+    up = e.resize(kept, e.shape_of([n, count, image_dims[h_axis], image_dims[w_axis]]), mode="linear",
+                  coordinate_transformation_mode="half_pixel")  # F.interpolate(align_corners=False)
+    low = e.reduce("ReduceMin", up, SPATIAL, keepdims=True)
+    high = e.reduce("ReduceMax", up, SPATIAL, keepdims=True)
+    spread = e.op("Sub", high, low)
+    flat = e.op("Equal", spread, e.scalar(0.0, spread))  # the authors skip such groups
+    one = e.scalar(1.0, spread)
+    masks = e.op("Where", flat, e.scalar(0.0, up), e.op("Div", e.op("Sub", up, low), e.op("Where", flat, one, spread)))
+
+    def blended(indices, chunk):
+        m = e.unsqueeze(e.op("Transpose", e.op("Gather", masks, indices, axis=1), perm=[1, 0, 2, 3]), [2])
+        x, b = e.unsqueeze(image, [0]), e.unsqueeze(blurred, [0])
+        rows = e.op("Add", e.op("Mul", x, m), e.op("Mul", b, e.op("Sub", e.scalar(1.0, m), m)))
+        return reruns.as_input(e.reshape(rows, [-1] + reruns.image_dims()))
+
+    def baseline(indices, chunk):
+        return reruns.as_input(blurred)
+
+    probs = reruns.scores(ctx.image.name, count, blended, chunk_size, probabilities=True, tag="groupcam")  # [G, N]
+    base = reruns.scores(ctx.image.name, 1, baseline, 1, probabilities=True, tag="groupcam_base")  # [1, N]
+    weights = e.op("Transpose", e.op("Sub", probs, base), perm=[1, 0])  # [N, G]
+    cam = weighted_sum(e, e.unsqueeze(weights, [2, 3]), masks)
+    return e.op("Relu", cam)
+
+
+def _percentile(e, x, q, count):
+    """numpy's default (linear) percentile over the last axis of length `count` (an int): [..., 1]."""
+    ordered, _ = e.op("TopK", x, e.ints([count]), outputs=2, axis=-1, largest=0, sorted=1)
+    position = q / 100.0 * (count - 1)
+    lo, hi = int(np.floor(position)), int(np.ceil(position))
+    a = e.slice(ordered, [lo], [lo + 1], [-1])
+    if hi == lo:
+        return a
+    b = e.slice(ordered, [hi], [hi + 1], [-1])
+    return e.op("Add", a, e.op("Mul", e.op("Sub", b, a), e.scalar(position - lo, a)))
+
+
+def _minmax(e, m):
+    low = e.reduce("ReduceMin", m, [1, 2, 3], keepdims=True)
+    spread = e.op("Sub", e.reduce("ReduceMax", m, [1, 2, 3], keepdims=True), low)
+    return e.op("Div", e.op("Sub", m, low), e.op("Add", spread, e.scalar(GROUPCAM_EPS, m)))
+
+
+def gaussian_blur(e, image, channels, kernel, sigma):
+    """kornia's gaussian_blur2d (odd kernel, reflected border) on float32 NCHW: separable, depthwise."""
+    if not isinstance(channels, int) or kernel % 2 == 0:
+        raise UsageError("groupcam's blur needs a known channel count and an odd kernel size")
+    x = np.arange(kernel, dtype=np.float64) - kernel // 2
+    g = np.exp(-(x ** 2) / (2.0 * sigma ** 2))
+    g = (g / g.sum()).astype(np.float32)
+    half = kernel // 2
+    padded = e.op("Pad", image, e.ints([0, 0, half, half, 0, 0, half, half]), mode="reflect")
+    rows = e.const(np.tile(g.reshape(1, 1, kernel, 1), (channels, 1, 1, 1)), TensorProto.FLOAT)
+    cols = e.const(np.tile(g.reshape(1, 1, 1, kernel), (channels, 1, 1, 1)), TensorProto.FLOAT)
+    out = e.op("Conv", padded, rows, group=channels, kernel_shape=[kernel, 1])
+    return e.op("Conv", out, cols, group=channels, kernel_shape=[1, kernel])
