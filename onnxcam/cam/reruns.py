@@ -85,12 +85,12 @@ class Reruns:
         e = self.emit
         if probabilities and self.spec.target != "class":
             raise UsageError("this method scores by class probabilities: it needs the class target")
-        chunk = int(chunk_size or DEFAULT_CHUNK)
-        if chunk < 1:
+        chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise UsageError(f"chunk_size must be a positive number of variants per run; got {chunk_size}")
         if self.fixed is not None:
             chunk = 1  # a fixed batch axis holds N rows: one variant per run
-        chunk = min(chunk, count)
+        chunk = min(int(chunk), count)
         runs = -(-count // chunk)
         tiled = self._tiled_constants(replaced, chunk, probabilities)
         if runs == 1:

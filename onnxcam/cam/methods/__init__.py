@@ -9,6 +9,6 @@
 
 from .context import MethodContext  # noqa: F401
 from .registry import LAYER, MAP, METHODS_REGISTRY, Method, Needs, get_method, layer_method, map_method  # noqa: F401
-from . import gradient_cams, input_space, forward_only, second_generation, perturbation  # noqa: F401
+from . import gradient_cams, input_space, forward_only, second_generation, cf_cam, perturbation  # noqa: F401
 
 METHODS = tuple(METHODS_REGISTRY)
