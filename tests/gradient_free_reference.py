@@ -202,8 +202,9 @@ def dbscan_labels(X, eps, min_samples):
     return labels
 
 
-def cfcam(A, G, size):
-    """The CF-CAM authors' CFCAM.__call__ after the backward pass, one image (A, G [C, h, w]).
+def cfcam(A, G, size, dbscan=None):
+    """The CF-CAM authors' CFCAM.__call__ after the backward pass, one image (A, G [C, h, w]);
+    `dbscan(X, eps, min_samples) -> labels` (default: dbscan_labels; the tool passes scikit-learn's).
     Returns (map, number of clusters, number of noise channels)."""
     A, G = torch.tensor(A), torch.tensor(G)
     C, h, w = A.shape
@@ -216,7 +217,7 @@ def cfcam(A, G, size):
     np.fill_diagonal(distances, np.inf)
     flat = distances.flatten()
     eps = max(np.percentile(flat[flat != np.inf], 25), 1e-5)
-    found = dbscan_labels(features[rest], eps, max(2, int(len(rest) * 0.05)))
+    found = (dbscan or dbscan_labels)(features[rest], eps, max(2, int(len(rest) * 0.05)))
     labels[rest] = found
     clusters = len(np.unique(found)) - (1 if -1 in found else 0)
     weights = torch.zeros(C)

@@ -17,28 +17,37 @@ from .registry import Needs, layer_method, map_method
 GROUPCAM_EPS = 1e-30  # the authors divide by (max - min) and return nothing for a flat map: zeros here
 SCORECAM_EPS = 1e-8  # pytorch-grad-cam's (maxs - mins + 1e-8)
 ABLATION_OFFSET = 1e7  # pytorch-grad-cam's AblationLayer: min - 1e7 when the layer's minimum is not 0
+SCORECAM_RECIPES = ("pytorch-grad-cam", "torchcam")
 RERUN_NEEDS = Needs(activation=True, reruns=True)
 
 
 @layer_method("scorecam", needs=RERUN_NEEDS, with_context=True)
-def scorecam(ctx, layer, A, G, chunk_size=None):
+def scorecam(ctx, layer, A, G, chunk_size=None, recipe="pytorch-grad-cam"):
     """Score-CAM (Wang et al. 2020), pytorch-grad-cam's recipe: each channel map upsampled to the
     input (bilinear, corners aligned), min-max normalised, multiplied into the input; the weights
-    are the softmax over channels of the masked inputs' scores."""
+    are the softmax over channels of the masked inputs' scores. recipe="torchcam": torchcam's
+    order (min-max at the layer's resolution, then bilinear with half-pixel centres)."""
+    if recipe not in SCORECAM_RECIPES:
+        raise UsageError(f"scorecam recipe must be one of {', '.join(SCORECAM_RECIPES)}; got {recipe!r}")
     e, reruns = ctx.emit, ctx.rerun()
     channels = _channels(e, A, "scorecam")
     image = ctx.input()
     h_axis, w_axis = ctx.image.spatial_axes
     image_dims = e.dims(ctx.image.name)
 
+    def minmax(m):
+        low = e.reduce("ReduceMin", m, SPATIAL, keepdims=True)
+        high = e.reduce("ReduceMax", m, SPATIAL, keepdims=True)
+        return e.op("Div", e.op("Sub", m, low), e.op("Add", e.op("Sub", high, low), e.scalar(SCORECAM_EPS, m)))
+
     def masked_inputs(indices, chunk):
         picked = e.op("Gather", A, indices, axis=1)  # [N, chunk, h, w]
         n = e.dims(A)[0]
         sizes = e.shape_of([n, chunk, image_dims[h_axis], image_dims[w_axis]])
-        up = e.resize(picked, sizes, mode="linear", coordinate_transformation_mode="align_corners")
-        low = e.reduce("ReduceMin", up, SPATIAL, keepdims=True)
-        high = e.reduce("ReduceMax", up, SPATIAL, keepdims=True)
-        masks = e.op("Div", e.op("Sub", up, low), e.op("Add", e.op("Sub", high, low), e.scalar(SCORECAM_EPS, up)))
+        if recipe == "torchcam":
+            masks = e.resize(minmax(picked), sizes, mode="linear", coordinate_transformation_mode="half_pixel")
+        else:
+            masks = minmax(e.resize(picked, sizes, mode="linear", coordinate_transformation_mode="align_corners"))
         masks = e.unsqueeze(e.op("Transpose", masks, perm=[1, 0, 2, 3]), [2])  # [chunk, N, 1, H, W]
         rows = e.op("Mul", masks, e.unsqueeze(image, [0]))  # [chunk, N, C, H, W]
         return reruns.as_input(e.reshape(rows, [-1] + reruns.image_dims()))
