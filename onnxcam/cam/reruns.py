@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from ..autodiff.clone import clone_forward, fixed_batch
@@ -35,6 +34,7 @@ from .spatial import activation_layout
 LINEAR_TARGETS = ("class", "segmentation", "sequence")
 DEFAULT_CHUNK = 32  # variants per run (pytorch-grad-cam's AblationCAM batch_size)
 RERUN_BATCH = "onnxcam_rerun_rows"
+SEED, OFFSET, CLASS, SIDES = "seed", "offset", "class", "sides"  # what _tiled_constants tiles
 
 
 class Reruns:
@@ -99,17 +99,16 @@ class Reruns:
         return self._loop(replaced, count, chunk, runs, make, tiled, probabilities, tag)
 
     # ------------------------------------------------------------------ pieces
-    def _tiled_constants(self, replaced, chunk, probabilities) -> Dict[str, str]:
+    def _tiled_constants(self, replaced, chunk, probabilities) -> Dict[str, object]:
         """What every chunk reads, tiled to chunk * N rows once, outside any loop: the seed, the
         offset, the class index and the tensors the copied nodes read from the original graph
         with a batch axis (a residual branch beside an ablated feature map)."""
         e = self.emit
-        tiled = {"seed": _tile(e, self.seed, chunk, e.rank(self.seeded)), "offset": _tile(e, self.offset, chunk, 1)}
+        tiled = {SEED: _tile(e, self.seed, chunk, e.rank(self.seeded)), OFFSET: _tile(e, self.offset, chunk, 1)}
         if probabilities:
-            tiled["class"] = _tile(e, self.class_index, chunk, 1)
-        for side in self._side_inputs(replaced, probabilities):
-            tiled[side] = _tile(e, side, chunk, e.rank(side))
-        return tiled
+            tiled[CLASS] = _tile(e, self.class_index, chunk, 1)
+        sides = {side: _tile(e, side, chunk, e.rank(side)) for side in self._side_inputs(replaced, probabilities)}
+        return {**tiled, SIDES: sides}
 
     def _outputs(self, probabilities) -> List[str]:
         return [self.seeded] + ([self.score_tensor] if probabilities and self.score_tensor != self.seeded else [])
@@ -150,19 +149,19 @@ class Reruns:
         shape = e.info(replaced).shape
         e.set_info(rows, e.dtype(replaced), None if shape is None else (RERUN_BATCH,) + tuple(shape[1:]))
         replacements = {replaced: rows}
-        replacements.update({k: v for k, v in tiled.items() if k not in ("seed", "offset", "class")})
+        replacements.update(tiled[SIDES])
         rename = {self._batch_symbol: RERUN_BATCH} if self._batch_symbol else None
         copy = clone_forward(self.analysis, e, replacements, self._outputs(probabilities), tag=tag, rename_dims=rename)
         if probabilities:
             logits = _float32(e, copy[self.score_tensor])
             logits = e.op("Reshape", logits, e.ints([0, -1]))
             p = e.op("Softmax", logits, axis=1) if e.opset >= 13 else _softmax(e, logits)
-            score = e.squeeze(e.op("GatherElements", p, e.unsqueeze(tiled["class"], [1]), axis=1), [1])
+            score = e.squeeze(e.op("GatherElements", p, e.unsqueeze(tiled[CLASS], [1]), axis=1), [1])
         else:
             seeded = copy[self.seeded]
             axes = list(range(1, e.rank(self.seeded)))
-            linear = e.reduce("ReduceSum", e.op("Mul", tiled["seed"], seeded), axes, keepdims=False)
-            score = e.op("Add", _float32(e, linear), tiled["offset"])
+            linear = e.reduce("ReduceSum", e.op("Mul", tiled[SEED], seeded), axes, keepdims=False)
+            score = e.op("Add", _float32(e, linear), tiled[OFFSET])
         return e.op("Reshape", score, e.ints([chunk, -1]))
 
     def _loop(self, replaced, count, chunk, runs, make, tiled, probabilities, tag) -> str:
@@ -218,4 +217,4 @@ def _softmax(emit, z):
     return emit.op("Div", e, emit.reduce("ReduceSum", e, [1], keepdims=True))
 
 
-__all__ = ["Reruns", "LINEAR_TARGETS", "DEFAULT_CHUNK", "onnx"]
+__all__ = ["Reruns", "LINEAR_TARGETS", "DEFAULT_CHUNK"]
