@@ -168,7 +168,6 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
         if mode == STANDARD:
             ctx.bias_gradients = [(_as_float32(emit, built.gradients[b.output]), b.bias) for b in biases
                                   if b.output in built.gradients]
-        if mode == STANDARD:
             for name in ctx.layers:
                 if name in built.gradients:
                     layout = _layout(emit, name, image, spec, analysis)
