@@ -31,6 +31,18 @@ def resnet(tmp_path_factory):
     return model, path, {"layer2": relus[-3], "layer3": relus[-1]}
 
 
+@pytest.fixture(scope="module")
+def dead_resnet(tmp_path_factory):
+    """Channels 0-7 of layer3's output are zero for every image (their runs are skipped)."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet())
+    with torch.no_grad():
+        model.layer3.bn2.bias[:8] = -100.0
+        model.layer3.down[1].bias[:8] = -100.0
+    path = export(model, tmp_path_factory.mktemp("gradient_free_dead") / "resnet.onnx", SIZE)
+    return model, path, {"layer3": [l.name for l in onnxcam.layers(path) if l.op == "Relu"][-1]}
+
+
 def images(n, seed=0, uniform=False):
     rng = np.random.default_rng(seed)
     shape = (n, 3, SIZE, SIZE)
@@ -82,12 +94,13 @@ def test_eigencam_builds_no_backward_pass_and_ignores_the_class(resnet):
 
 
 # ---------------------------------------------------------------------- re-runs
-@pytest.mark.parametrize("chunk_size", [1, 5, 64])  # a Loop with a partial last chunk; one inline chunk
-def test_scorecam_matches_pytorch_grad_cam_recipe(resnet, chunk_size):
-    model, path, layers = resnet
+@pytest.mark.parametrize("net,chunk_size", [("resnet", 1), ("resnet", 5), ("resnet", 200), ("dead_resnet", 5)])
+def test_scorecam_matches_pytorch_grad_cam_recipe(request, net, chunk_size):
+    model, path, layers = request.getfixturevalue(net)
     x = images(2)
-    pairs, classes, _ = activations_and_gradients(model, [model.layer3.relu], x, None)
+    pairs, classes, _ = activations_and_gradients(model, [model.layer3], x, None)
     A = pairs[0][0]
+    assert (A.max(axis=(2, 3)) == 0).sum() >= (16 if net == "dead_resnet" else 1)  # all-zero channels: skipped runs
     weights = ref.scorecam_weights(model, A, x, classes)
     expected = ref.through_pipeline((weights[:, :, None, None] * A).sum(1), SIZE)
     result = onnxcam.Explainer(path, method="scorecam", layer=layers["layer3"],
@@ -95,9 +108,10 @@ def test_scorecam_matches_pytorch_grad_cam_recipe(resnet, chunk_size):
     close(result.cam, expected)
 
 
-@pytest.mark.parametrize("where", ["block output", "inside a residual block"])
-def test_ablationcam_reruns_only_the_tail(resnet, where):
-    model, path, layers = resnet
+@pytest.mark.parametrize("net,where", [("resnet", "block output"), ("resnet", "inside a residual block"),
+                                       ("dead_resnet", "block output")])
+def test_ablationcam_reruns_only_the_tail(request, net, where):
+    model, path, layers = request.getfixturevalue(net)
     x = images(2, seed=2)
     if where == "block output":
         module, layer = model.layer3, layers["layer3"]  # (the block's relu module runs twice: hook the block)

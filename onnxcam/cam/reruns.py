@@ -2,27 +2,27 @@
 
 Score-CAM, Group-CAM and Ablation-CAM weigh channels by what happens to the score when the input
 (or a feature map) is masked. Here the augmented model does it itself in one ``session.run``:
-K variants of a tensor (K masks of the input, K ablated feature maps) are built per image and
-the nodes between that tensor and the score are copied (autodiff/clone.py: the copies read the
-same weights, the file holds no second copy of any weight) to run on ``chunk * N`` rows at once.
+K variants of a tensor (K masks of the input, K ablated feature maps) per image, and the nodes
+between that tensor and the score copied (autodiff/clone.py: the copies read the same weights,
+the file holds no second copy of any weight) to run on many rows at once.
 
-Chunks: K variants in ``ceil(K / chunk_size)`` chunks. One chunk runs inline; more run as the
-body of an ONNX ``Loop`` whose iteration i builds variants ``i*chunk .. i*chunk+chunk-1`` (the
-last chunk padded by repeating variant K-1, its scores dropped), so peak memory grows with
-`chunk_size`, not with K. A model whose batch axis is a fixed number cannot hold chunk * N rows:
-it runs one variant per iteration (chunk 1).
+Rows: the pairs (variant k, image n), numbered r = k * N + n. Those whose score is known without
+a run are skipped (Score-CAM: an all-zero channel masks the input to zeros, one shared run of
+the zero image scores all of them; Ablation-CAM: ablating an all-zero channel changes nothing).
+The others run ``chunk_size`` rows at a time (default 32, pytorch-grad-cam's batch size for one
+image) as the body of an ONNX ``Loop`` (the last chunk padded by repeating the last row), so peak
+memory grows with `chunk_size`, not with K * N; batches of several images share the chunks. A
+model whose batch axis is a fixed number N0 runs N0 rows at a time.
 
 The score of a variant is the target's score, read the way the target defines it: for the
 targets whose score is linear in the differentiated tensor T (class, segmentation, sequence:
 score = sum(seed * T) + a constant such as the classifier's bias), ``sum(seed * T') + (score -
 sum(seed * T))`` on the copy T', exact. Detection and embedding scores are not linear: refused.
-
-Row order: variant-major, row ``k * N + n`` is variant k of image n (as clone.tile_batch).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -32,9 +32,8 @@ from ..errors import UsageError
 from .spatial import activation_layout
 
 LINEAR_TARGETS = ("class", "segmentation", "sequence")
-DEFAULT_CHUNK = 32  # variants per run (pytorch-grad-cam's AblationCAM batch_size)
+DEFAULT_CHUNK = 32  # rows per run (pytorch-grad-cam's AblationCAM batch_size)
 RERUN_BATCH = "onnxcam_rerun_rows"
-SEED, OFFSET, CLASS, SIDES = "seed", "offset", "class", "sides"  # what _tiled_constants tiles
 
 
 class Reruns:
@@ -74,48 +73,80 @@ class Reruns:
         x = x_nchw if self.image.layout == "NCHW" else e.op("Transpose", x_nchw, perm=[0, 2, 3, 1])
         return x if self.image.dtype == TensorProto.FLOAT else e.cast(x, self.image.dtype)
 
-    def scores(self, replaced: str, count: int, make: Callable[[str, int], str], chunk_size: Optional[int] = None,
-               probabilities: bool = False, tag: str = "rerun") -> str:
-        """float32 [count, N]: the score of each variant of `replaced` per image.
+    def scores(self, replaced: str, count: int, make: Callable[[str, str], str], chunk_size: Optional[int] = None,
+               probabilities: bool = False, skip: Optional[str] = None, skip_score: Optional[str] = None,
+               tag: str = "rerun") -> str:
+        """float32 [count, N]: the score of each of `count` variants of `replaced` per image.
 
-        `make(indices, chunk)` emits the variants numbered by int64 `indices` [chunk] of every image,
-        as a tensor shaped like `replaced` with chunk * N rows (variant-major). With
-        `probabilities`, the score is the softmax probability of the explained class (class
-        target only: Group-CAM's)."""
+        `make(variants, images)` emits, for int64 [R] variant and image indices, a tensor shaped
+        like `replaced` with R rows: row r is variant variants[r] of image images[r]. `skip`
+        (bool [count, N]) marks variants whose score is known without a run: `skip_score` (float32
+        [N]); only the others are run, packed `chunk_size` rows per run. With `probabilities`,
+        the score is the softmax probability of the explained class (class target: Group-CAM's)."""
         e = self.emit
         if probabilities and self.spec.target != "class":
             raise UsageError("this method scores by class probabilities: it needs the class target")
         chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-            raise UsageError(f"chunk_size must be a positive number of variants per run; got {chunk_size}")
-        if self.fixed is not None:
-            chunk = 1  # a fixed batch axis holds N rows: one variant per run
-        chunk = min(int(chunk), count)
-        runs = -(-count // chunk)
-        tiled = self._tiled_constants(replaced, chunk, probabilities)
-        if runs == 1:
-            return self._chunk_scores(replaced, e.op("Range", _i64(e, 0), _i64(e, count), _i64(e, 1)), chunk, make,
-                                      tiled, probabilities, tag)
-        return self._loop(replaced, count, chunk, runs, make, tiled, probabilities, tag)
+            raise UsageError(f"chunk_size must be a positive number of masked copies per run; got {chunk_size}")
+        chunk = int(chunk) if self.fixed is None else self.fixed  # a fixed batch axis holds exactly its N rows
+        n = _scalar(e, e.dims(self.image.name)[0])
+        total = e.op("Mul", n, _i64(e, count))
+        if skip is None:
+            rows = e.op("Range", _i64(e, 0), total, _i64(e, 1))  # r = variant * N + image, all of them
+        else:
+            keep = e.op("Not", e.reshape(skip, [-1]))
+            rows = e.squeeze(e.op("NonZero", keep), [0])  # the rows to run, in order
+        compact = self._run_rows(replaced, rows, n, chunk, make, probabilities, tag)  # float32 [M]
+        if skip is not None:
+            # back to every row: a run's score where it ran, skip_score elsewhere (no scatter)
+            position = e.op("Sub", e.op("CumSum", e.cast(keep, TensorProto.INT64), _i64(e, 0)), _i64(e, 1))
+            position = e.op("Where", e.op("Less", position, _i64(e, 0)), _i64(e, 0), position)
+            padded = e.op("Concat", compact, e.const(np.zeros(1, np.float32), TensorProto.FLOAT), axis=0)
+            ran = e.op("Gather", padded, position, axis=0)
+            known = _float32(e, e.op("Expand", e.unsqueeze(skip_score, [0]), e.op("Shape", skip)))
+            compact = e.op("Where", keep, ran, e.reshape(known, [-1]))
+        return e.op("Reshape", compact, e.ints([count, -1]))
 
     # ------------------------------------------------------------------ pieces
-    def _tiled_constants(self, replaced, chunk, probabilities) -> Dict[str, object]:
-        """What every chunk reads, tiled to chunk * N rows once, outside any loop: the seed, the
-        offset, the class index and the tensors the copied nodes read from the original graph
-        with a batch axis (a residual branch beside an ablated feature map)."""
+    def _run_rows(self, replaced, rows, n, chunk, make, probabilities, tag) -> str:
+        """Scores of the variant/image pairs `rows` (int64 [M], r = variant * N + image): an ONNX
+        Loop over chunks of `chunk` rows (the last one padded by repeating row M-1), [M]."""
         e = self.emit
-        tiled = {SEED: _tile(e, self.seed, chunk, e.rank(self.seeded)), OFFSET: _tile(e, self.offset, chunk, 1)}
-        if probabilities:
-            tiled[CLASS] = _tile(e, self.class_index, chunk, 1)
-        sides = {side: _tile(e, side, chunk, e.rank(side)) for side in self._side_inputs(replaced, probabilities)}
-        return {**tiled, SIDES: sides}
+        sides = self._side_inputs(replaced, probabilities)
+        m = e.op("Shape", rows)  # [1]
+        runs = e.squeeze(e.op("Div", e.op("Add", m, e.ints([chunk - 1])), e.ints([chunk])), [0])
+        outer_nodes, outer_shapes = e.nodes, e._shape_cache
+        e.nodes, e._shape_cache = [], {}  # nodes (and cached Shape nodes) of the body
+        try:
+            step, condition = e.fresh("iteration"), e.fresh("condition")
+            e.set_info(step, TensorProto.INT64, ())
+            span = e.op("Add", e.op("Range", _i64(e, 0), _i64(e, chunk), _i64(e, 1)), e.op("Mul", step, _i64(e, chunk)))
+            last = e.op("Sub", e.squeeze(m, [0]), _i64(e, 1))
+            picked = e.op("Gather", rows, e.op("Where", e.op("Greater", span, last), last, span), axis=0)
+            variants, images = e.op("Div", picked, n), e.op("Mod", picked, n)
+            scores = self._chunk_scores(replaced, variants, images, chunk, make, sides, probabilities, tag)
+            keep_going = e.op("Identity", condition)
+            body_nodes = e.nodes
+        finally:
+            e.nodes, e._shape_cache = outer_nodes, outer_shapes
+        body = helper.make_graph(
+            body_nodes, e.fresh(f"{tag}_body"),
+            [helper.make_tensor_value_info(step, TensorProto.INT64, []),
+             helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info(keep_going, TensorProto.BOOL, []),
+             helper.make_tensor_value_info(scores, TensorProto.FLOAT, [chunk])])
+        stacked = e.fresh(f"{tag}_scores")  # Loop needs its (empty) condition input: not through e.op
+        e.nodes.append(helper.make_node("Loop", [runs, ""], [stacked], name=e.fresh(f"{tag}_loop"), body=body))
+        flat = e.op("Reshape", stacked, e.ints([-1]))  # Loop stacks: [runs, chunk]
+        return e.op("Slice", flat, e.ints([0]), m, e.ints([0]))
 
     def _outputs(self, probabilities) -> List[str]:
         return [self.seeded] + ([self.score_tensor] if probabilities and self.score_tensor != self.seeded else [])
 
     def _side_inputs(self, replaced, probabilities) -> List[str]:
         """Batch-carrying tensors the copied nodes read but do not recompute (clone_forward shares
-        everything upstream of the replaced tensor; rows must match, so these are tiled)."""
+        everything upstream of the replaced tensor; each run's rows pick theirs by image)."""
         a = self.analysis
         affected = {replaced}
         for node in a.nodes:
@@ -142,56 +173,27 @@ class Reruns:
                     sides.append(i)
         return sides
 
-    def _chunk_scores(self, replaced, indices, chunk, make, tiled, probabilities, tag) -> str:
-        """float32 [chunk, N] for the variants `indices` (emitted where the caller is emitting)."""
+    def _chunk_scores(self, replaced, variants, images, chunk, make, sides, probabilities, tag) -> str:
+        """float32 [chunk]: the scores of one run's rows (emitted where the caller is emitting)."""
         e = self.emit
-        rows = make(indices, chunk)
+        rows = make(variants, images)
         shape = e.info(replaced).shape
         e.set_info(rows, e.dtype(replaced), None if shape is None else (RERUN_BATCH,) + tuple(shape[1:]))
         replacements = {replaced: rows}
-        replacements.update(tiled[SIDES])
+        for side in sides:
+            replacements[side] = e.set_info(e.op("Gather", side, images, axis=0), e.dtype(side),
+                                            (RERUN_BATCH,) + tuple(e.info(side).shape[1:]))
         rename = {self._batch_symbol: RERUN_BATCH} if self._batch_symbol else None
         copy = clone_forward(self.analysis, e, replacements, self._outputs(probabilities), tag=tag, rename_dims=rename)
         if probabilities:
-            logits = _float32(e, copy[self.score_tensor])
-            logits = e.op("Reshape", logits, e.ints([0, -1]))
+            logits = e.op("Reshape", _float32(e, copy[self.score_tensor]), e.ints([0, -1]))
             p = e.op("Softmax", logits, axis=1) if e.opset >= 13 else _softmax(e, logits)
-            score = e.squeeze(e.op("GatherElements", p, e.unsqueeze(tiled[CLASS], [1]), axis=1), [1])
-        else:
-            seeded = copy[self.seeded]
-            axes = list(range(1, e.rank(self.seeded)))
-            linear = e.reduce("ReduceSum", e.op("Mul", tiled[SEED], seeded), axes, keepdims=False)
-            score = e.op("Add", _float32(e, linear), tiled[OFFSET])
-        return e.op("Reshape", score, e.ints([chunk, -1]))
-
-    def _loop(self, replaced, count, chunk, runs, make, tiled, probabilities, tag) -> str:
-        """An ONNX Loop of `runs` iterations, each scoring one chunk; [count, N]."""
-        e = self.emit
-        outer_nodes, outer_shapes = e.nodes, e._shape_cache
-        e.nodes, e._shape_cache = [], {}  # nodes (and cached Shape nodes) of the body
-        try:
-            step, condition = e.fresh("iteration"), e.fresh("condition")
-            e.set_info(step, TensorProto.INT64, ())
-            start = e.op("Mul", step, _i64(e, chunk))
-            span = e.op("Range", _i64(e, 0), _i64(e, chunk), _i64(e, 1))
-            wanted, last = e.op("Add", span, start), _i64(e, count - 1)
-            indices = e.op("Where", e.op("Greater", wanted, last), last, wanted)  # the last chunk repeats K-1
-            scores = self._chunk_scores(replaced, indices, chunk, make, tiled, probabilities, tag)
-            keep_going = e.op("Identity", condition)
-            body_nodes = e.nodes
-        finally:
-            e.nodes, e._shape_cache = outer_nodes, outer_shapes
-        body = helper.make_graph(
-            body_nodes, e.fresh(f"{tag}_body"),
-            [helper.make_tensor_value_info(step, TensorProto.INT64, []),
-             helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
-            [helper.make_tensor_value_info(keep_going, TensorProto.BOOL, []),
-             helper.make_tensor_value_info(scores, TensorProto.FLOAT, [chunk, None])])
-        stacked = e.fresh(f"{tag}_scores")  # Loop needs its (empty) condition input: not through e.op
-        e.nodes.append(helper.make_node("Loop", [e.const(np.array(runs, np.int64), TensorProto.INT64), ""], [stacked],
-                                        name=e.fresh(f"{tag}_loop"), body=body))
-        flat = e.op("Reshape", stacked, e.ints([runs * chunk, -1]))  # Loop stacks: [runs, chunk, N]
-        return flat if runs * chunk == count else e.slice(flat, [0], [count], [0])
+            classes = e.op("Gather", self.class_index, images, axis=0)
+            return e.squeeze(e.op("GatherElements", p, e.unsqueeze(classes, [1]), axis=1), [1])
+        seed = e.op("Gather", self.seed, images, axis=0)
+        axes = list(range(1, e.rank(self.seeded)))
+        linear = e.reduce("ReduceSum", e.op("Mul", seed, copy[self.seeded]), axes, keepdims=False)
+        return e.op("Add", _float32(e, linear), e.op("Gather", self.offset, images, axis=0))
 
 
 _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -201,11 +203,9 @@ def _i64(emit, value: int) -> str:
     return emit.const(np.array(value, np.int64), TensorProto.INT64)
 
 
-def _tile(emit, x: str, times: int, rank: int) -> str:
-    """[N, ...] -> [times * N, ...], variant-major."""
-    if times == 1:
-        return x
-    return emit.op("Tile", x, emit.ints([times] + [1] * (rank - 1)))
+def _scalar(emit, d) -> str:
+    """A dim (int, or a run-time int64 [1]) as an int64 scalar."""
+    return _i64(emit, d) if isinstance(d, int) else emit.squeeze(d, [0])
 
 
 def _float32(emit, x: str) -> str:

@@ -40,19 +40,23 @@ def scorecam(ctx, layer, A, G, chunk_size=None, recipe="pytorch-grad-cam"):
         high = e.reduce("ReduceMax", m, SPATIAL, keepdims=True)
         return e.op("Div", e.op("Sub", m, low), e.op("Add", e.op("Sub", high, low), e.scalar(SCORECAM_EPS, m)))
 
-    def masked_inputs(indices, chunk):
-        picked = e.op("Gather", A, indices, axis=1)  # [N, chunk, h, w]
-        n = e.dims(A)[0]
-        sizes = e.shape_of([n, chunk, image_dims[h_axis], image_dims[w_axis]])
+    def masked_inputs(variants, images):
+        picked = e.unsqueeze(pick(e, A, variants, images), [1])  # [R, 1, h, w]
+        sizes = e.shape_of([e.op("Shape", variants), 1, image_dims[h_axis], image_dims[w_axis]])
         if recipe == "torchcam":
             masks = e.resize(minmax(picked), sizes, mode="linear", coordinate_transformation_mode="half_pixel")
         else:
             masks = minmax(e.resize(picked, sizes, mode="linear", coordinate_transformation_mode="align_corners"))
-        masks = e.unsqueeze(e.op("Transpose", masks, perm=[1, 0, 2, 3]), [2])  # [chunk, N, 1, H, W]
-        rows = e.op("Mul", masks, e.unsqueeze(image, [0]))  # [chunk, N, C, H, W]
-        return reruns.as_input(e.reshape(rows, [-1] + reruns.image_dims()))
+        return reruns.as_input(e.op("Mul", masks, e.op("Gather", image, images, axis=0)))  # [R, C, H, W]
 
-    scores = reruns.scores(ctx.image.name, channels, masked_inputs, chunk_size, tag="scorecam")  # [C, N]
+    def zero_inputs(variants, images):  # what every all-zero channel's mask leaves of the input
+        return reruns.as_input(e.op("Mul", e.op("Gather", image, images, axis=0), e.scalar(0.0, image)))
+
+    # An all-zero channel's mask is 0 everywhere: its masked input is the zero image, run once.
+    empty = _empty_channels(e, A, 1)  # [C, N]
+    zero = e.reshape(reruns.scores(ctx.image.name, 1, zero_inputs, chunk_size, tag="scorecam_zero"), [-1])
+    scores = reruns.scores(ctx.image.name, channels, masked_inputs, chunk_size, skip=empty, skip_score=zero,
+                           tag="scorecam")  # [C, N]
     weights = e.op("Softmax", e.op("Transpose", scores, perm=[1, 0]), axis=1)  # over channels
     return weighted_sum(e, e.unsqueeze(weights, [2, 3]), A)
 
@@ -67,17 +71,21 @@ def ablationcam(ctx, layer, A, G, chunk_size=None):
     axis = reruns.channel_axis(layer)
     rank = e.rank(layer)
     value = _ablation_value(e, layer, rank)  # [N, 1...]
-    shape = [1] * (rank + 1)
-    shape[axis + 1] = channels  # [variant, N, ...layer axes] with the channels at their axis
+    shape = [1] * rank
+    shape[axis] = channels  # [row, ...layer axes] with the channels at their axis
     channel_ids = e.const(np.arange(channels, dtype=np.int64).reshape(shape), TensorProto.INT64)
 
-    def ablated(indices, chunk):
-        dropped = e.op("Equal", e.reshape(indices, [chunk] + [1] * rank), channel_ids)
-        rows = e.op("Where", dropped, e.unsqueeze(value, [0]), e.unsqueeze(layer, [0]))  # [chunk, N, ...]
-        return e.reshape(rows, [-1] + e.dims(layer)[1:])
+    def ablated(variants, images):
+        dropped = e.op("Equal", e.reshape(variants, [-1] + [1] * (rank - 1)), channel_ids)
+        rows = e.op("Gather", layer, images, axis=0)
+        return e.op("Where", dropped, e.op("Gather", value, images, axis=0), rows)
 
-    scores = reruns.scores(layer, channels, ablated, chunk_size, tag="ablationcam")  # [C, N]
+    # Ablating an all-zero channel by 0 changes nothing: its score is the un-ablated one, no run.
+    unchanged = e.op("And", _empty_channels(e, layer, axis),
+                     e.unsqueeze(e.op("Equal", e.reshape(value, [-1]), e.scalar(0.0, value)), [0]))
     score = e.unsqueeze(reruns.score, [0])  # [1, N]: the un-ablated run's
+    scores = reruns.scores(layer, channels, ablated, chunk_size, skip=unchanged, skip_score=reruns.score,
+                           tag="ablationcam")  # [C, N]
     weights = e.op("Div", e.op("Sub", score, scores), score)
     return weighted_sum(e, e.unsqueeze(e.op("Transpose", weights, perm=[1, 0]), [2, 3]), A)
 
@@ -101,6 +109,19 @@ def groupcam(ctx, groups=32, threshold=70.0, chunk_size=None, blur_kernel=51, bl
 
 
 # ---------------------------------------------------------------------- pieces
+def pick(e, x, variants, images):
+    """x[images[r], variants[r]] for each row r: [R, ...] from x [N, K, ...]."""
+    return e.op("GatherND", x, e.op("Concat", e.unsqueeze(images, [1]), e.unsqueeze(variants, [1]), axis=1))
+
+
+def _empty_channels(e, x, axis):
+    """bool [C, N]: channel c of image n is zero everywhere (x [N, ...] with channels at `axis`)."""
+    rank = e.rank(x) if e.info(x).shape else 4
+    others = [a for a in range(1, rank) if a != axis]
+    peak = e.reduce("ReduceMax", e.op("Abs", x), others, keepdims=False)  # [N, C]
+    return e.op("Transpose", e.op("Equal", peak, e.scalar(0.0, peak)), perm=[1, 0])
+
+
 def _channels(e, A, method) -> int:
     c = e.info(A).shape[1] if e.info(A).shape else None
     if not isinstance(c, int):
@@ -142,17 +163,18 @@ def _group_map(ctx, reruns, layer, A, G, image, blurred, groups, threshold, chun
     one = e.scalar(1.0, spread)
     masks = e.op("Where", flat, e.scalar(0.0, up), e.op("Div", e.op("Sub", up, low), e.op("Where", flat, one, spread)))
 
-    def blended(indices, chunk):
-        m = e.unsqueeze(e.op("Transpose", e.op("Gather", masks, indices, axis=1), perm=[1, 0, 2, 3]), [2])
-        x, b = e.unsqueeze(image, [0]), e.unsqueeze(blurred, [0])
-        rows = e.op("Add", e.op("Mul", x, m), e.op("Mul", b, e.op("Sub", e.scalar(1.0, m), m)))
-        return reruns.as_input(e.reshape(rows, [-1] + reruns.image_dims()))
+    def blended(variants, images):
+        m = e.unsqueeze(pick(e, masks, variants, images), [1])  # [R, 1, H, W]
+        x, b = e.op("Gather", image, images, axis=0), e.op("Gather", blurred, images, axis=0)
+        return reruns.as_input(e.op("Add", e.op("Mul", x, m), e.op("Mul", b, e.op("Sub", e.scalar(1.0, m), m))))
 
-    def baseline(indices, chunk):
-        return reruns.as_input(blurred)
+    def baseline(variants, images):
+        return reruns.as_input(e.op("Gather", blurred, images, axis=0))
 
-    probs = reruns.scores(ctx.image.name, count, blended, chunk_size, probabilities=True, tag="groupcam")  # [G, N]
-    base = reruns.scores(ctx.image.name, 1, baseline, 1, probabilities=True, tag="groupcam_base")  # [1, N]
+    base = reruns.scores(ctx.image.name, 1, baseline, chunk_size, probabilities=True, tag="groupcam_base")  # [1, N]
+    skipped = e.op("Transpose", e.squeeze(flat, [2, 3]), perm=[1, 0])  # the authors skip flat groups: weight 0
+    probs = reruns.scores(ctx.image.name, count, blended, chunk_size, probabilities=True, skip=skipped,
+                          skip_score=e.reshape(base, [-1]), tag="groupcam")  # [G, N]
     weights = e.op("Transpose", e.op("Sub", probs, base), perm=[1, 0])  # [N, G]
     cam = weighted_sum(e, e.unsqueeze(weights, [2, 3]), masks)
     return e.op("Relu", cam)
