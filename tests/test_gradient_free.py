@@ -247,3 +247,43 @@ def test_several_methods_in_one_model_equal_each_alone(resnet):
     for method in methods:
         alone = onnxcam.Explainer(path, method=method, layer=layers["layer3"])(x).cam
         np.testing.assert_allclose(together.cams[method], alone, atol=1e-6)
+
+
+def test_ablationcam_with_the_segmentation_target(tmp_path):
+    """A score linear in the output (pytorch-grad-cam's SemanticSegmentationTarget: the class's
+    logits summed over its predicted pixels), re-run on the ablated copies."""
+    from test_targets import TinySegmenter, dominant_class, export as export_segmenter, images as seg_images, tensor_of
+
+    torch.manual_seed(2)
+    model = TinySegmenter().eval()
+    path = export_segmenter(model, tmp_path / "seg.onnx", (48, 64))
+    x = seg_images(2, (48, 64), seed=2)
+    module = model.encoder[3]
+    with torch.no_grad():
+        logits = model(torch.tensor(x)).numpy()
+    classes = dominant_class(logits)
+    masks = torch.tensor((logits.argmax(1) == classes[:, None, None]).astype(np.float32))
+    store = {}
+    handle = module.register_forward_hook(lambda m, i, o: store.setdefault("a", o.detach()))
+    with torch.no_grad():
+        model(torch.tensor(x))
+    handle.remove()
+    A = store["a"].numpy()
+    weights = np.zeros(A.shape[:2])
+    for n in range(2):
+        def score(out):
+            return float((out[0, classes[n]] * masks[n]).sum())
+        original = score(ref.with_output_replaced(model, module, torch.tensor(x[n:n + 1]), lambda o: o))
+        for k in range(A.shape[1]):
+            def ablate(o, k=k):
+                o = o.clone()
+                o[:, k] = 0 if o.min() == 0 else o.min() - 1e7
+                return o
+            weights[n, k] = (original - score(ref.with_output_replaced(model, module, torch.tensor(x[n:n + 1]), ablate))) \
+                / original
+    expected = np.array([ref.scale(ref.scale(np.maximum((weights[n][:, None, None] * A[n]).sum(0), 0)[None],
+                                                 (64, 48)))[0] for n in range(2)])
+    result = onnxcam.Explainer(path, method="ablationcam", layer=tensor_of(path, "encoder.3"), target="segmentation",
+                               method_options={"ablationcam": {"chunk_size": 9}})(x)
+    np.testing.assert_array_equal(result.class_index, classes)
+    close(result.cam, expected)
