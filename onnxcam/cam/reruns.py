@@ -160,18 +160,13 @@ class Reruns:
                     wanted.add(i)
                     stack.append(i)
         constants = a.constant_names()
+        read = [i for node in a.nodes if any(o in affected and o in wanted for o in node.output)
+                for i in node.input if i and i not in affected and i not in constants]
+        read = list(dict.fromkeys(read))
+        a.probe([i for i in read if self.emit.info(i).shape is None])  # shapes inference lost
         batch = self.image.shape[0]
-        sides = []
-        for node in a.nodes:
-            if not any(o in affected and o in wanted for o in node.output):
-                continue
-            for i in node.input:
-                if not i or i in affected or i in constants or i in sides:
-                    continue
-                info = self.emit.info(i)
-                if info.shape and len(info.shape) >= 1 and info.shape[0] == batch and info.dtype in _FLOATS:
-                    sides.append(i)
-        return sides
+        return [i for i in read if self.emit.info(i).dtype in _FLOATS and self.emit.info(i).shape
+                and self.emit.info(i).shape[0] == batch]
 
     def _chunk_scores(self, replaced, variants, images, chunk, make, sides, probabilities, tag) -> str:
         """float32 [chunk]: the scores of one run's rows (emitted where the caller is emitting)."""
