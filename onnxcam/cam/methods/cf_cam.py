@@ -57,9 +57,8 @@ def cfcam(ctx, sigma_spatial=5.0, sigma_range=0.1, norm_percentile=75.0, eps_per
 def _cf_map(ctx, layer, sigma_spatial, sigma_range, norm_q, eps_q, ratio):
     e = ctx.emit
     A, G = ctx.activation(layer), ctx.gradient(layer)
-    n, c, h, w = e.dims(A)
-    if not all(isinstance(d, int) for d in (c, h, w)):
-        raise UsageError("cfcam needs the layer's channel count and spatial size to be known")
+    c, h, w = ctx.known_shape(layer, A)
+    n = e.dims(A)[0]
     hw = h * w
     f = e.reshape(A, [n, c, hw])
     g = e.reshape(G, [n, c, hw])

@@ -37,6 +37,22 @@ class MethodContext:
             return self._need(self.seeded_gradients, (seed, layer), "seeded gradient")
         return self._need(self.gradients, layer, "gradient")
 
+    def known_shape(self, layer: str, A: str) -> tuple:
+        """(C, h, w) of the layer's NCHW activation A as ints, measured by running the model when
+        shape inference lost them (models exported with dynamic spatial axes); A's info is updated."""
+        e = self.emit
+        shape = e.info(A).shape
+        if shape and len(shape) == 4 and all(isinstance(d, int) for d in shape[1:]):
+            return tuple(shape[1:])
+        self.analysis.probe([layer])
+        probed = e.info(layer).shape
+        if A != layer or not probed or len(probed) != 4 or not all(isinstance(d, int) for d in probed[1:]):
+            raise UsageError(f"the shape of layer {layer!r} is unknown and could not be measured; this method "
+                             "needs its channel count and spatial size (export the model with a fixed input size)")
+        first = shape[0] if shape else "N"
+        e.set_info(A, e.dtype(A), (first,) + tuple(probed[1:]))
+        return tuple(probed[1:])
+
     def rerun(self):
         if self.reruns is None:
             raise UsageError("a method re-ran the graph without declaring reruns in its needs")

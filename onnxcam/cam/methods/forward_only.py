@@ -26,6 +26,7 @@ def eigencam(ctx, layer, A, G, sign="corrected", squarings=10, refinements=4):
     """Eigen-CAM (Bany Muhammad & Yeasin 2020): the projection of the centred activations [h*w, C]
     on their first principal component (pytorch-grad-cam's get_2d_projection), sign-corrected by
     default; no gradient, no class."""
+    ctx.known_shape(layer, A)  # the smaller of C and h*w picks the matrix to iterate on
     return _projection(ctx, "eigencam", A, sign, squarings, refinements)
 
 
@@ -33,5 +34,6 @@ def eigencam(ctx, layer, A, G, sign="corrected", squarings=10, refinements=4):
 def eigen_gradcam(ctx, layer, A, G, sign="corrected", squarings=10, refinements=4):
     """Eigen-Grad-CAM (pytorch-grad-cam's EigenGradCAM): the first principal component of G * A."""
     e = ctx.emit
+    ctx.known_shape(layer, A)
     product = e.set_info(e.op("Mul", G, A), e.dtype(A), e.info(A).shape)
     return _projection(ctx, "eigen-gradcam", product, sign, squarings, refinements)

@@ -30,7 +30,7 @@ def scorecam(ctx, layer, A, G, chunk_size=None, recipe="pytorch-grad-cam"):
     if recipe not in SCORECAM_RECIPES:
         raise UsageError(f"scorecam recipe must be one of {', '.join(SCORECAM_RECIPES)}; got {recipe!r}")
     e, reruns = ctx.emit, ctx.rerun()
-    channels = _channels(e, A, "scorecam")
+    channels = ctx.known_shape(layer, A)[0]
     image = ctx.input()
     h_axis, w_axis = ctx.image.spatial_axes
     image_dims = e.dims(ctx.image.name)
@@ -67,7 +67,7 @@ def ablationcam(ctx, layer, A, G, chunk_size=None):
     0 (to min - 1e7 when the layer's minimum is not 0), only the part of the network after the
     layer re-run; w_k = (score - score without channel k) / score."""
     e, reruns = ctx.emit, ctx.rerun()
-    channels = _channels(e, A, "ablationcam")
+    channels = ctx.known_shape(layer, A)[0]
     axis = reruns.channel_axis(layer)
     rank = e.rank(layer)
     value = _ablation_value(e, layer, rank)  # [N, 1...]
@@ -122,13 +122,6 @@ def _empty_channels(e, x, axis):
     return e.op("Transpose", e.op("Equal", peak, e.scalar(0.0, peak)), perm=[1, 0])
 
 
-def _channels(e, A, method) -> int:
-    c = e.info(A).shape[1] if e.info(A).shape else None
-    if not isinstance(c, int):
-        raise UsageError(f"{method} re-runs the model once per channel: the layer's channel count must be known")
-    return c
-
-
 def _ablation_value(e, layer, rank):
     """0 where the image's activations at the layer have minimum 0 (after a ReLU), else min - 1e7."""
     low = e.reduce("ReduceMin", layer, list(range(1, rank)), keepdims=True)
@@ -138,10 +131,8 @@ def _ablation_value(e, layer, rank):
 
 def _group_map(ctx, reruns, layer, A, G, image, blurred, groups, threshold, chunk_size):
     e = ctx.emit
-    channels = _channels(e, A, "groupcam")
-    n, _, h, w = e.dims(A)
-    if not (isinstance(h, int) and isinstance(w, int)):
-        raise UsageError("groupcam needs the layer's spatial size to be known (a fixed input size)")
+    channels, h, w = ctx.known_shape(layer, A)
+    n = e.dims(A)[0]
     size = -(-channels // groups)  # torch.chunk: groups of ceil(C / groups), maybe fewer groups
     count = -(-channels // size)
     weighted = e.op("Mul", e.reduce("ReduceMean", G, SPATIAL, keepdims=True), A)
