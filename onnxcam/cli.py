@@ -445,7 +445,9 @@ def methods():
     for m in METHODS_REGISTRY.values():
         needs = m.needs
         parts = [p for p, on in (("A", needs.activation), ("G", needs.gradient),
-                                 (f"dS/dx ({needs.rule_mode})", needs.input_gradient)) if on]
+                                 (f"dS/dx ({needs.rule_mode})", needs.input_gradient),
+                                 ("bias gradients", needs.bias_gradients), (f"own score {needs.seed}", needs.seed),
+                                 ("re-runs", needs.reruns)) if on]
         parts += [f"uses {u}" for u in needs.uses]
         rows.append((m.name, m.kind, ", ".join(parts), m.doc[:90]))
     click.echo(table(rows, ("method", "kind", "needs", "what")))

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 
 
+GRADIENT_CAMS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")  # written out below
+
+
 def weights_to_cam(weights, A):
     return (weights[:, :, None, None] * A).sum(axis=1)
 

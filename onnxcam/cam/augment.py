@@ -37,7 +37,10 @@ from .inputs import ImageInput, image_input
 from .layers import candidate_layers, choose_output, logits_for, resolve_layers
 from .methods import LAYER, METHODS, MethodContext, get_method  # noqa: F401  (METHODS: public)
 from .methods.maps import layer_maps, normalise
-from .plan import Plan, plan
+from .biases import bias_tensors
+from .plan import BIASES, Plan, plan
+from .reruns import Reruns
+from .seeds import build_seed
 from .spatial import activation_layout, to_nchw
 from .targets import CLASS_INPUT, TARGETS, TargetInput, choices_metadata  # noqa: F401  (CLASS_INPUT: public)
 
@@ -143,8 +146,11 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
         raise UsageError(f"layer {seeded!r} is the classifier's input, not a feature map; pick another layer")
     emit.set_info(seed, emit.dtype(seeded), emit.info(seeded).shape)
 
-    ctx = MethodContext(emit, image, layers)
+    ctx = MethodContext(emit, image, layers, analysis=analysis)
     _differentiate(proto, analysis, emit, the_plan, ctx, seeded, seed, score, spec)
+    _seeded_passes(proto, analysis, emit, the_plan, ctx, chosen, score, spec)
+    if the_plan.reruns:
+        ctx.reruns = Reruns(emit, analysis, image, chosen, seeded, score, spec)
     emit.fold_expands = True  # the methods read gradients constant over space in compact form
     _run_methods(emit, the_plan, ctx, spec)
     emit.fold_expands = False
@@ -164,6 +170,9 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
     _expose(proto, emit, _as_float32(emit, chosen.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
     for name, (tensor, dtype, shape) in chosen.extra_outputs.items():
         _expose(proto, emit, tensor, name, dtype, shape)
+    for name, per_layer in ctx.diagnostics.items():  # a method's checks (Eigen-CAM's residual): [N, layers]
+        stacked = emit.op("Concat", *[emit.unsqueeze(t, [1]) for t in per_layer], axis=1)
+        _expose(proto, emit, stacked, name, TensorProto.FLOAT, (image.shape[0], len(per_layer)))
     flush(emit, proto.graph)
     _record(proto, spec.methods, layers, out, score, choices_metadata(t.choices))
     return proto
@@ -189,13 +198,16 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
     """One backward pass per rule mode over every tensor any method asked for; activations and
     gradients at the layers brought to float32 NCHW, once."""
     image = ctx.image
+    biases = bias_tensors(analysis) if the_plan.wants(BIASES) else []
     for mode in the_plan.gradients:
-        targets = the_plan.targets(mode, ctx.layers, image.name)
+        targets = the_plan.targets(mode, ctx.layers, image.name, [b.output for b in biases])
         built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit, score_name=score, analysis=analysis,
                               mode=mode)
         if image.name in targets:
             ctx.input_gradients[mode] = _image_nchw(emit, built.gradients[image.name], image)
         if mode == STANDARD:
+            ctx.bias_gradients = [(_as_float32(emit, built.gradients[b.output]), b.bias) for b in biases
+                                  if b.output in built.gradients]
             for name in ctx.layers:
                 if name in built.gradients:
                     layout = _layout(emit, name, image, spec, analysis)
@@ -208,20 +220,45 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
     ctx.image_nchw = _image_nchw(emit, image.name, image)  # pruned when no method reads it
 
 
+def _seeded_passes(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, chosen, score, spec) -> None:
+    """One backward pass per score of a method's own (Finer-CAM's comparison score...), at the layers."""
+    for name in the_plan.seeded:
+        owner = next(m for m in the_plan.methods if m.needs.seed == name)
+        seed = build_seed(name, emit, score, chosen, _options(owner, spec))
+        if spec.counterfactual:
+            seed = emit.op("Neg", seed)
+        built = add_gradients(proto, list(ctx.layers), score, seed=seed, emitter=emit, analysis=analysis)
+        for layer in ctx.layers:
+            layout = _layout(emit, layer, ctx.image, spec, analysis)
+            ctx.seeded_gradients[(name, layer)] = to_nchw(emit, _as_float32(emit, built.gradients[layer]), ctx.image,
+                                                          layout, spec.token_grid)
+
+
 def _run_methods(emit, the_plan: Plan, ctx: MethodContext, spec: ExplainSpec) -> None:
     for method in the_plan.methods:
+        options = _options(method, spec)
         if method.kind == LAYER:
-            raw = [method.fn(emit, ctx.activation(name), ctx.gradient(name)) for name in ctx.layers]
+            needs = method.needs
+            raw = []
+            for name in ctx.layers:
+                A = ctx.activation(name) if needs.activation else None
+                G = ctx.gradient(name, needs.seed) if needs.gradient else None
+                raw.append(method.fn(ctx, name, A, G, **options) if method.with_context
+                           else method.fn(emit, A, G, **options))
             ctx.maps[method.name], stacked = layer_maps(emit, raw, ctx.image)
             if stacked is not None:
                 ctx.layer_maps[method.name] = stacked
         else:
-            options = dict(spec.method_options.get(method.name, {}))
-            unknown = sorted(set(options) - set(method.options))
-            if unknown:
-                raise UsageError(f"method {method.name!r} has no option {unknown[0]!r}; its options are "
-                                 f"{', '.join(method.options) or 'none'}")
             ctx.maps[method.name] = method.fn(ctx, **options)
+
+
+def _options(method, spec: ExplainSpec) -> dict:
+    options = dict(spec.method_options.get(method.name, {}))
+    unknown = sorted(set(options) - set(method.options))
+    if unknown:
+        raise UsageError(f"method {method.name!r} has no option {unknown[0]!r}; its options are "
+                         f"{', '.join(method.options) or 'none'}")
+    return options
 
 
 # ---------------------------------------------------------------------- pieces
