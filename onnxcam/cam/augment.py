@@ -129,6 +129,8 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
         if name in ctx.layer_maps:
             _expose(proto, emit, ctx.layer_maps[name], method_output(LAYER_CAMS_OUTPUT, name), TensorProto.FLOAT,
                     _layer_dims(image, layers))
+    for name, (tensor, dtype, shape) in ctx.outputs.items():  # attributions and residuals of map methods
+        _expose(proto, emit, tensor, name, dtype, shape)
     _expose(proto, emit, chosen.class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
     _expose(proto, emit, _as_float32(emit, chosen.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
     for name, (tensor, dtype, shape) in chosen.extra_outputs.items():
