@@ -114,7 +114,8 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
         raise UsageError(f"layer {seeded!r} is the classifier's input, not a feature map; pick another layer")
     emit.set_info(seed, emit.dtype(seeded), emit.info(seeded).shape)
 
-    ctx = MethodContext(emit, image, layers)
+    ctx = MethodContext(emit, image, layers, proto=proto, analysis=analysis, target=chosen, seeded=seeded, seed=seed,
+                        spec=spec)
     _differentiate(proto, analysis, emit, the_plan, ctx, seeded, seed, score, spec)
     _run_methods(emit, the_plan, ctx, spec)
 

@@ -15,7 +15,8 @@ from ..autodiff.registry import STANDARD, rule_modes
 from ..errors import UsageError
 from .methods import LAYER, Method, get_method
 
-LAYERS, INPUT = "layers", "input"  # gradient targets, resolved to tensor names by the augmenter
+LAYERS, INPUT = "layers", "input"
+SAMPLE_KINDS = ("noise", "path")  # Needs.samples: built by the methods through cam/sampling.py  # gradient targets, resolved to tensor names by the augmenter
 
 
 @dataclass
@@ -56,13 +57,16 @@ def plan(method_names: Sequence[str]) -> Plan:
     modes = rule_modes()
     for method in ordered:
         needs = method.needs
-        if needs.samples or needs.reruns:
-            what = f"{needs.samples} samples" if needs.samples else "re-runs of the graph"
-            raise UsageError(f"method {method.name!r} needs {what}, which this build of onnxcam cannot plan yet")
+        if needs.reruns:
+            raise UsageError(f"method {method.name!r} needs re-runs of the graph, which this build of onnxcam "
+                             "cannot plan yet")
+        if needs.samples not in (None,) + SAMPLE_KINDS:
+            raise UsageError(f"method {method.name!r} asks for {needs.samples!r} samples; kinds are "
+                             f"{', '.join(SAMPLE_KINDS)}")
         if needs.rule_mode not in modes:
             raise UsageError(f"method {method.name!r} asks for rule mode {needs.rule_mode!r}; "
                              f"modes are {', '.join(modes)}")
-        if method.kind == LAYER or needs.activation or needs.gradient:
+        if method.kind == LAYER or needs.activation or needs.gradient or needs.layers:
             result.needs_layers = True
         if needs.activation:
             result.needs_activations = True
