@@ -9,6 +9,11 @@ import numpy as np
 import torch
 
 
+# The methods these formulas cover (the layer methods pytorch-grad-cam has); input-space and
+# sampled methods are checked against their own formulas in test_input_space.py.
+REFERENCE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")
+
+
 def weights_to_cam(weights, A):
     return (weights[:, :, None, None] * A).sum(axis=1)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+import cv2
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -145,9 +147,11 @@ def references(net, x, classes, noise, noise_std_cam, cam_noise):
     for mode, method in (("guided", "guided-backprop"), ("deconvnet", "deconvnet")):
         modified = torch_pass(logits, module, x, classes, mode)[0]
         out[method] = (modified, signed_map(modified))
-    gradcam = cam_pipeline((G.mean((2, 3))[:, :, None, None] * A).sum(1))
-    out["gradcam"] = (None, gradcam)
-    guided = out["guided-backprop"][0] * gradcam[:, None]
+    raw = np.maximum((G.mean((2, 3))[:, :, None, None] * A).sum(1), 0)
+    out["gradcam"] = (None, cam_pipeline(raw))
+    # captum's GuidedGradCam: relu(Grad-CAM) upsampled (bilinear, half-pixel) times guided backprop
+    upsampled = np.stack([cv2.resize(np.float32(r / r.max()), (SIZE, SIZE)) for r in raw]).astype(np.float64)
+    guided = out["guided-backprop"][0] * upsampled[:, None]
     out["guided-gradcam"] = (guided, signed_map(guided))
     # SmoothGrad family: the fed standard normal noise, sigma = 0.15 (max - min) per image
     samples = x[None] + noise_sigma(x, 0.15)[None] * noise

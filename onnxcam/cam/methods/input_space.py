@@ -21,7 +21,8 @@ from __future__ import annotations
 from onnx import TensorProto
 
 from ...autodiff.rules.modes import DECONVNET, GUIDED
-from .maps import NORMALISE_EPS, scale_by_max_abs
+from .gradient_cams import gradcam
+from .maps import NORMALISE_EPS, scale_by_max_abs, upsample
 from .registry import Needs, map_method
 
 ATTRIBUTION_OUTPUT = "onnxcam_attribution"
@@ -90,9 +91,20 @@ def deconvnet(ctx):
     return signed_map(ctx, "deconvnet", ctx.input_gradient(DECONVNET))
 
 
-@map_method("guided-gradcam", Needs(input_gradient=True, rule_mode=GUIDED, uses=("gradcam",)), signed=True)
+@map_method("guided-gradcam", Needs(activation=True, gradient=True, input_gradient=True, rule_mode=GUIDED),
+            signed=True)
 def guided_gradcam(ctx):
-    """Guided Grad-CAM (Selvaraju et al. 2017, captum's GuidedGradCam): guided backpropagation
-    times the Grad-CAM map upsampled bilinearly to the input, per channel; sum over channels, [-1, 1]."""
+    """Guided Grad-CAM (Selvaraju et al. 2017, as captum's GuidedGradCam): guided backpropagation
+    times the Grad-CAM map relu(sum_k w_k A_k) upsampled bilinearly to the input, per channel
+    (the mean over layers of each layer's map scaled by its maximum); sum over channels, [-1, 1]."""
     e = ctx.emit
-    return signed_map(ctx, "guided-gradcam", e.op("Mul", ctx.input_gradient(GUIDED), ctx.map_of("gradcam")))
+    cams = []
+    for layer in ctx.layers:
+        cam = e.op("Relu", gradcam(e, ctx.activation(layer), ctx.gradient(layer)))
+        # Scaled by its maximum (a positive factor per image; the max |.| scaling of the map
+        # removes it): layers of different magnitudes weigh alike in the mean over layers.
+        top = e.op("Max", e.reduce("ReduceMax", cam, [1, 2, 3], keepdims=True), e.scalar(1e-30, cam))
+        cam = e.op("Div", cam, top)
+        cams.append(upsample(e, cam, ctx.image))
+    cam = cams[0] if len(cams) == 1 else e.reduce("ReduceMean", e.op("Concat", *cams, axis=1), [1], keepdims=True)
+    return signed_map(ctx, "guided-gradcam", e.op("Mul", ctx.input_gradient(GUIDED), cam))
