@@ -350,3 +350,23 @@ def test_rule_modes_change_relu_only(nets):
     result = onnxcam.Explainer(path, layer=layer, method=["gradient", "guided-backprop"])(images(2, seed=1))
     assert np.abs(result.cams["gradient"] - result.cams["guided-backprop"]).max() > 1e-3
     assert method_output(CAM_OUTPUT, "gradient") == "onnxcam_cam__gradient"
+
+
+def test_signed_maps_are_overlaid_with_a_diverging_colormap(nets, tmp_path):
+    """The CLI pipeline keeps signed maps in [-1, 1] (.npy) and colours them blue-white-red."""
+    from onnxcam.io.overlay import colorize_signed
+    from onnxcam.io.pipeline import Source, explain_sources
+    import cv2
+    path, layer = nets["resnet"][2], nets["resnet"][3]
+    explainer = onnxcam.Explainer(path, layer=layer, method=["gradcam", "gradient"])
+    assert explainer.signed_methods == ("gradient",)
+    photo = (np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "photo.png"), photo)
+    (tmp_path / "out").mkdir()
+    records = explain_sources(explainer, [Source.from_path(tmp_path / "photo.png")], tmp_path / "out",
+                              preset="unit")
+    by_method = {r.method: np.load(r.npy) for r in records}
+    assert by_method["gradient"].min() < -0.5 and by_method["gradient"].max() > 0.5
+    assert by_method["gradcam"].min() >= 0
+    colours = colorize_signed(np.array([[-1.0, 0.0, 1.0]]))[0]
+    assert colours[0, 2] > colours[0, 0] and colours[2, 0] > colours[2, 2] and colours[1].min() > 200

@@ -7,7 +7,9 @@ batch 1 and 8, 224x224, it times in one ONNX Runtime setting (intra-op threads f
   * plain inference of the exported model,
   * the onnxcam-augmented model for every method (last feature map; ResNet-50 also at layer3),
   * when installed, pytorch-grad-cam GradCAM / GradCAM++ / ScoreCAM and captum LayerGradCam on
-    the same torch module whose export ONNX Runtime runs (logits are compared to prove it).
+    the same torch module whose export ONNX Runtime runs (logits are compared to prove it); captum
+    Saliency and IntegratedGradients (32 steps, internal_batch_size 32) when onnxcam's saliency /
+    integrated-gradients are among the methods.
 ONNX Runtime sessions of one model are timed round-robin (plain, then each augmented model, in
 turn, run after run), so a neighbour's load on a shared machine hits all of them alike; the
 ratio "x plain" compares medians. Peak RSS is measured per configuration in a fresh subprocess
@@ -47,8 +49,11 @@ TORCH_EXPLAINERS = {
     "GradCAM++": ("pytorch-grad-cam", "gradcam++"),
     "ScoreCAM": ("pytorch-grad-cam", "gradcam"),
     "LayerGradCam": ("captum", "gradcam"),
+    "Saliency": ("captum", "saliency"),
+    "IntegratedGradients": ("captum", "integrated-gradients"),  # 32 steps, internal_batch_size 32
     "forward": ("torch", None),  # plain eager inference: how much of the gap is the engine, not the method
 }
+IG_STEPS = 32  # integrated-gradients: onnxcam's default steps, and captum's n_steps
 # Explainers too slow for many runs: ScoreCAM does one forward pass per channel of the target.
 SLOW_EXPLAINERS = {"ScoreCAM"}
 
@@ -195,6 +200,18 @@ def _torch_explainer(name, model, layer):
         cam = cls(model=model, target_layers=[layer])
         return lambda x: cam(input_tensor=x, targets=None)
 
+    if name in ("Saliency", "IntegratedGradients"):  # attributions at the input, for the top class
+        from captum.attr import IntegratedGradients, Saliency
+        method = Saliency(model) if name == "Saliency" else IntegratedGradients(model)
+        options = {} if name == "Saliency" else {"n_steps": IG_STEPS, "internal_batch_size": IG_STEPS}
+
+        def attribute(x):
+            with torch.no_grad():
+                target = model(x).argmax(1)
+            return method.attribute(x.clone().requires_grad_(name == "Saliency"), target=target,
+                                    **options).detach().cpu().numpy()
+        return attribute
+
     from captum.attr import LayerAttribution, LayerGradCam
     gradcam = LayerGradCam(model, layer)
 
@@ -305,7 +322,8 @@ def bench(args):
             tensor = onnx_tensor_of(proto, spec.targets[target])
             for method in (methods if target == "last" else ["gradcam"]):
                 start = time.perf_counter()
-                augmented = onnxcam.augment(path, layer=tensor, method=method)
+                options = {"integrated-gradients": {"steps": IG_STEPS}} if method == "integrated-gradients" else None
+                augmented = onnxcam.augment(path, layer=tensor, method=method, method_options=options)
                 seconds = time.perf_counter() - start
                 aug_path = os.path.join(work, f"{name}-{target}-{method}.onnx")
                 onnx.save(augmented, aug_path)
@@ -349,6 +367,9 @@ def bench(args):
                         continue
                     if target != "last" and explainer not in ("GradCAM", "LayerGradCam"):
                         continue
+                    counterpart = TORCH_EXPLAINERS[explainer][1]
+                    if counterpart not in (None, "gradcam", "gradcam++") and counterpart not in methods:
+                        continue  # input-space explainers run when their onnxcam method is benchmarked
                     slow = explainer in SLOW_EXPLAINERS
                     if slow and (batch != 1 or args.quick or name not in args.scorecam.split(",")):
                         continue

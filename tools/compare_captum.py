@@ -87,6 +87,21 @@ def recorded_noise(run):
     return result, draws
 
 
+def replayed_noise(run, draws):
+    """Call run() with torch.normal returning the recorded draws (in the caller's dtype)."""
+    queue, original = list(draws), torch.normal
+
+    def replay(mean, std, *args, **kwargs):
+        value = queue.pop(0)
+        assert tuple(value.shape) == tuple(std.shape)
+        return value.to(std.dtype)
+    torch.normal = replay
+    try:
+        return run()
+    finally:
+        torch.normal = original
+
+
 class FixedNoise:
     """Stands in for torchcam's Normal distribution: hands out pre-drawn noise in order."""
 
@@ -124,9 +139,15 @@ def compare_model(name, tmp):
     xt = torch.from_numpy(x)
     rows = []
 
-    def row(method, reference, diff, note=""):
-        rows.append({"model": name, "method": method, "reference": reference, "max_rel_diff": diff, "note": note})
-        print(f"   {method:22s} vs {reference:45s} {diff:.2e} {note}", flush=True)
+    import copy
+    model64 = copy.deepcopy(model).double()
+    xt64 = xt.double()
+
+    def row(method, reference, diff, note="", diff64=None, floor=None):
+        rows.append({"model": name, "method": method, "reference": reference, "max_rel_diff": diff, "note": note,
+                     "max_rel_diff_float64": diff64, "reference_float32_vs_float64": floor})
+        extra = "" if diff64 is None else f" | vs float64 {diff64:.2e} | reference f32 vs f64 {floor:.2e}"
+        print(f"   {method:22s} vs {reference:45s} {diff:.2e}{extra} {note}", flush=True)
 
     started = time.time()
     base = onnxcam.Explainer(path, layer=layer, method=["saliency", "gradient", "input-x-gradient",
@@ -148,10 +169,6 @@ def compare_model(name, tmp):
                                                  interpolate_mode="bilinear").detach().numpy()
     row("guided-gradcam", "captum GuidedGradCam (bilinear), maps", relative(base.cams["guided-gradcam"],
                                                                            signed_map(ggc)))
-    guided_model = GuidedBackpropReLUModel(model=model, device=torch.device("cpu"))
-    pgc = np.stack([guided_model(xt[i:i + 1].clone(), target_category=int(c)).transpose(2, 0, 1)
-                    for i, c in enumerate(base.class_index)])
-    row("guided-backprop", "pytorch-grad-cam GuidedBackpropReLUModel", relative(attr("guided-backprop"), pgc))
     print(f"   ({time.time() - started:.0f}s)", flush=True)
 
     # Integrated Gradients, both rules, same steps, zero baseline; completeness residual
@@ -165,11 +182,18 @@ def compare_model(name, tmp):
             with torch.no_grad():
                 s_x = model(xt).gather(1, target[:, None])[:, 0].numpy()
                 s_0 = model(torch.zeros_like(xt)).gather(1, target[:, None])[:, 0].numpy()
+            diff64 = floor = None
+            if steps == IG_STEPS:  # the same quadrature in float64: how much of the difference is float32's
+                reference64 = IntegratedGradients(model64).attribute(
+                    xt64.clone(), target=target, n_steps=steps, method=rule, internal_batch_size=32).numpy()
+                diff64 = relative(ours.extras["onnxcam_attribution__integrated-gradients"], reference64)
+                floor = relative(reference.detach().numpy(), reference64)
             residual = ours.extras["onnxcam_completeness__integrated-gradients"]
             note = (f"completeness residual / |S(x)-S(0)|: onnxcam {np.max(np.abs(residual) / np.abs(s_x - s_0)):.2e}, "
                     f"captum {np.max(np.abs(delta.numpy()) / np.abs(s_x - s_0)):.2e}")
             row("integrated-gradients", f"captum IntegratedGradients {rule} {steps}",
-                relative(ours.extras["onnxcam_attribution__integrated-gradients"], reference.detach().numpy()), note)
+                relative(ours.extras["onnxcam_attribution__integrated-gradients"], reference.detach().numpy()), note,
+                diff64, floor)
 
     # NoiseTunnel: captum draws the noise; we feed the same standard normal noise
     n = len(x)
@@ -181,8 +205,13 @@ def compare_model(name, tmp):
         noise = torch.cat(draws).numpy().reshape(n, NT_SAMPLES, *x.shape[1:]).transpose(1, 0, 2, 3, 4) / NT_STD
         ours = explain(path, layer, method, x, {"samples": NT_SAMPLES, "noise_std": NT_STD, "noise": "input"},
                        {"onnxcam_noise": np.ascontiguousarray(noise, np.float32)})
+        reference64 = replayed_noise(lambda: NoiseTunnel(Saliency(model64)).attribute(
+            xt64.clone().requires_grad_(), nt_type=nt_type, nt_samples=NT_SAMPLES, stdevs=NT_STD, target=target,
+            abs=False), draws).detach().numpy()
+        got = ours.extras[f"onnxcam_attribution__{method}"]
         row(method, f"captum NoiseTunnel({nt_type}) over Saliency(abs=False)",
-            relative(ours.extras[f"onnxcam_attribution__{method}"], reference.detach().numpy()))
+            relative(got, reference.detach().numpy()), "", relative(got, reference64),
+            relative(reference.detach().numpy(), reference64))
 
     # torchcam SmoothGradCAMpp with our noise
     noise = np.random.default_rng(0).standard_normal((CAM_SAMPLES,) + x.shape).astype(np.float32)
@@ -203,6 +232,11 @@ def compare_model(name, tmp):
         up = up - up.min()
         resized.append(up / (up.max() + 1e-7))
     row("smooth-gradcam++", "torchcam SmoothGradCAMpp (maps)", relative(ours.cam, np.stack(resized)))
+    # last: GuidedBackpropReLUModel swaps the model's ReLU modules (and puts fresh ones back)
+    guided_model = GuidedBackpropReLUModel(model=model, device=torch.device("cpu"))
+    pgc = np.stack([guided_model(xt[i:i + 1].clone(), target_category=int(c)).transpose(2, 0, 1)
+                    for i, c in enumerate(base.class_index)])
+    row("guided-backprop", "pytorch-grad-cam GuidedBackpropReLUModel", relative(attr("guided-backprop"), pgc))
     print(f"   ({time.time() - started:.0f}s)", flush=True)
     return rows
 
@@ -224,10 +258,15 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             print(f"\n== {name}", flush=True)
             rows += compare_model(name, tmp)
-    print("\n| model | onnxcam method | reference | max |diff| / max |ref| | note |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| model | onnxcam method | reference | max |diff| / max |ref| | vs the reference in float64 | "
+          "reference float32 vs float64 | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+
+    def fmt(v):
+        return "" if v is None else f"{v:.1e}"
     for r in rows:
-        print(f"| {r['model']} | {r['method']} | {r['reference']} | {r['max_rel_diff']:.1e} | {r['note']} |")
+        print(f"| {r['model']} | {r['method']} | {r['reference']} | {r['max_rel_diff']:.1e} | "
+              f"{fmt(r['max_rel_diff_float64'])} | {fmt(r['reference_float32_vs_float64'])} | {r['note']} |")
     failed = [r for r in rows if not r["max_rel_diff"] <= args.tolerance]
     print(f"\n{len(rows) - len(failed)} within {args.tolerance:g}, {len(failed)} above")
     if args.json:

@@ -163,11 +163,13 @@ class ExplainRun:
         cams = res.cams or {self.method: res.cam}
         several = len(cams) > 1
         records = []
+        signed_methods = getattr(self.explainer, "signed_methods", ())
         for method, cam in cams.items():
-            heat = np.clip(geometry.to_original(cam[i]), 0.0, 1.0).astype(np.float32)
+            signed = method in signed_methods  # maps in [-1, 1]: keep the sign, diverging colours
+            heat = np.clip(geometry.to_original(cam[i]), -1.0 if signed else 0.0, 1.0).astype(np.float32)
             name = f"{stem}_{k}_{_file_safe(method)}" if several else f"{stem}_{k}"
             png, npy = self.out_dir / f"{name}.png", self.out_dir / f"{name}.npy"
-            write_png(png, blend(photo, heat, self.alpha, self.colormap))
+            write_png(png, blend(photo, heat, self.alpha, self.colormap, signed=signed))
             write_npy(npy, heat)
             records.append(Record(image=source.name, class_index=k, label=label_for(self.labels, k),
                                   score=float(res.score[i]), probability=self._probability(res, i, k), rank=rank,
