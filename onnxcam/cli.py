@@ -332,7 +332,9 @@ def methods():
         parts = [p for p, on in (("A", needs.activation), ("G", needs.gradient),
                                  (f"dS/dx ({needs.rule_mode})", needs.input_gradient)) if on]
         parts += [f"uses {u}" for u in needs.uses]
-        rows.append((m.name, m.kind, ", ".join(parts), m.doc[:90]))
+        if needs.samples:
+            parts.append(f"{needs.samples} samples" + (" (A, G at layers)" if needs.layers else " (dS/dx)"))
+        rows.append((m.name, m.kind + (" ±" if m.signed else ""), ", ".join(parts), m.doc[:90]))
     click.echo(table(rows, ("method", "kind", "needs", "what")))
 
 

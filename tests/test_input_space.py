@@ -370,3 +370,13 @@ def test_signed_maps_are_overlaid_with_a_diverging_colormap(nets, tmp_path):
     assert by_method["gradcam"].min() >= 0
     colours = colorize_signed(np.array([[-1.0, 0.0, 1.0]]))[0]
     assert colours[0, 2] > colours[0, 0] and colours[2, 0] > colours[2, 2] and colours[1].min() > 200
+
+
+def test_noise_variants_share_one_pass(nets):
+    """smoothgrad, smoothgrad-sq and vargrad with equal options: one Loop, one noise input."""
+    path, layer = nets["resnet"][2], nets["resnet"][3]
+    opts = {"samples": 3, "samples_per_chunk": 1, "noise": "input"}
+    model = onnxcam.augment(path, layer=layer, method=["smoothgrad", "smoothgrad-sq", "vargrad"],
+                            method_options={m: opts for m in ("smoothgrad", "smoothgrad-sq", "vargrad")})
+    assert sum(n.op_type == "Loop" for n in model.graph.node) == 1
+    assert [i.name for i in model.graph.input if i.name.startswith("onnxcam_noise")] == ["onnxcam_noise"]
