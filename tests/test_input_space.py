@@ -380,3 +380,22 @@ def test_noise_variants_share_one_pass(nets):
                             method_options={m: opts for m in ("smoothgrad", "smoothgrad-sq", "vargrad")})
     assert sum(n.op_type == "Loop" for n in model.graph.node) == 1
     assert [i.name for i in model.graph.input if i.name.startswith("onnxcam_noise")] == ["onnxcam_noise"]
+
+
+def test_fixed_batch_model_runs_one_sample_per_chunk(tmp_path):
+    """A model exported with a fixed batch cannot take S*N images: one sample per chunk."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet()).eval()
+    path = str(tmp_path / "fixed.onnx")
+    torch.onnx.export(model, torch.randn(2, 3, SIZE, SIZE), path, opset_version=13, input_names=["input"],
+                      output_names=["output"], dynamo=False)
+    x = images(2, seed=9)
+    noise = np.random.default_rng(3).standard_normal((3,) + x.shape).astype(np.float32)
+    opts = {"samples": 3, "samples_per_chunk": 3, "noise": "input"}
+    fixed = onnxcam.Explainer(path, method="smoothgrad", method_options={"smoothgrad": opts})(
+        x, inputs={"onnxcam_noise": noise})
+    model.double()
+    sigma = noise_sigma(x.astype(np.float64), 0.15)
+    grads = [torch_pass(model, model.layer3, x + sigma * n, fixed.class_index)[0] for n in noise.astype(np.float64)]
+    mean = np.mean(grads, 0)
+    compare("fixed batch", fixed.extras["onnxcam_attribution__smoothgrad"], fixed.cam, mean, magnitude_map(mean))
