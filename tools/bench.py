@@ -368,8 +368,8 @@ def bench(args):
                     if target != "last" and explainer not in ("GradCAM", "LayerGradCam"):
                         continue
                     counterpart = TORCH_EXPLAINERS[explainer][1]
-                    if counterpart not in (None, "gradcam", "gradcam++") and counterpart not in methods:
-                        continue  # input-space explainers run when their onnxcam method is benchmarked
+                    if counterpart is not None and counterpart not in methods:
+                        continue  # a PyTorch explainer runs when its onnxcam counterpart is benchmarked
                     slow = explainer in SLOW_EXPLAINERS
                     if slow and (batch != 1 or args.quick or name not in args.scorecam.split(",")):
                         continue
