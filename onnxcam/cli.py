@@ -449,7 +449,9 @@ def methods():
                                  ("bias gradients", needs.bias_gradients), (f"own score {needs.seed}", needs.seed),
                                  ("re-runs", needs.reruns)) if on]
         parts += [f"uses {u}" for u in needs.uses]
-        rows.append((m.name, m.kind, ", ".join(parts), m.doc[:90]))
+        if needs.samples:
+            parts.append(f"{needs.samples} samples" + (" (A, G at layers)" if needs.layers else " (dS/dx)"))
+        rows.append((m.name, m.kind + (" ±" if m.signed else ""), ", ".join(parts), m.doc[:90]))
     click.echo(table(rows, ("method", "kind", "needs", "what")))
 
 

@@ -14,6 +14,7 @@ import onnx
 from .cam.augment import (CAM_OUTPUT, CLASS_INPUT, CLASS_OUTPUT, LAYER_CAMS_OUTPUT, SCORE_OUTPUT, augment,
                           method_output)
 from .cam.inputs import image_input
+from .cam.methods import get_method
 from .cam.targets import INPUT_METADATA_PREFIX
 from .errors import InputError, ModelLoadError, NonFiniteError, OnnxcamError, UnsupportedModelError
 from .modelio import load_model, weight_bytes
@@ -67,6 +68,8 @@ class Explainer:
         self.metadata = {p.key: p.value for p in augmented.metadata_props}
         self.methods: List[str] = list(spec.methods)
         self.method = ",".join(self.methods)
+        # Methods whose maps keep a sign ([-1, 1]); the others are in [0, 1].
+        self.signed_methods = tuple(m for m in self.methods if get_method(m).signed)
         self.layers: List[str] = [l for l in self.metadata["onnxcam.layers"].split(",") if l]
         self.output_name: str = self.metadata["onnxcam.output"]
         self.choices = {key[len(INPUT_METADATA_PREFIX):]: json.loads(value) for key, value in self.metadata.items()

@@ -10,6 +10,7 @@ import torch
 
 
 GRADIENT_CAMS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")  # written out below
+REFERENCE_METHODS = GRADIENT_CAMS  # the layer methods pytorch-grad-cam has; the others have their own tests
 
 
 def weights_to_cam(weights, A):

@@ -7,7 +7,9 @@ batch 1 and 8, 224x224, it times in one ONNX Runtime setting (intra-op threads f
   * plain inference of the exported model,
   * the onnxcam-augmented model for every method (last feature map; ResNet-50 also at layer3),
   * when installed, pytorch-grad-cam GradCAM / GradCAM++ / ScoreCAM and captum LayerGradCam on
-    the same torch module whose export ONNX Runtime runs (logits are compared to prove it).
+    the same torch module whose export ONNX Runtime runs (logits are compared to prove it); captum
+    Saliency and IntegratedGradients (32 steps, internal_batch_size 32) when onnxcam's saliency /
+    integrated-gradients are among the methods.
 ONNX Runtime sessions of one model are timed round-robin (plain, then each augmented model, in
 turn, run after run), so a neighbour's load on a shared machine hits all of them alike; the
 ratio "x plain" compares medians. Peak RSS is measured per configuration in a fresh subprocess
@@ -49,8 +51,11 @@ TORCH_EXPLAINERS = {
     "AblationCAM": ("pytorch-grad-cam", "ablationcam"),
     "EigenCAM": ("pytorch-grad-cam", "eigencam"),
     "LayerGradCam": ("captum", "gradcam"),
+    "Saliency": ("captum", "saliency"),
+    "IntegratedGradients": ("captum", "integrated-gradients"),  # 32 steps, internal_batch_size 32
     "forward": ("torch", None),  # plain eager inference: how much of the gap is the engine, not the method
 }
+IG_STEPS = 32  # integrated-gradients: onnxcam's default steps, and captum's n_steps
 # Explainers too slow for many runs: ScoreCAM and AblationCAM do one forward pass per channel of
 # the target (pytorch-grad-cam: of the whole network; onnxcam's Ablation-CAM re-runs only the
 # part after the layer). Both sides score 32 masked copies per forward (RERUN_BATCH): the same
@@ -206,6 +211,18 @@ def _torch_explainer(name, model, layer):
         if name == "ScoreCAM":
             cam.batch_size = RERUN_BATCH  # (ScoreCAM reads this attribute; 16 without it)
         return lambda x: cam(input_tensor=x, targets=None)
+
+    if name in ("Saliency", "IntegratedGradients"):  # attributions at the input, for the top class
+        from captum.attr import IntegratedGradients, Saliency
+        method = Saliency(model) if name == "Saliency" else IntegratedGradients(model)
+        options = {} if name == "Saliency" else {"n_steps": IG_STEPS, "internal_batch_size": IG_STEPS}
+
+        def attribute(x):
+            with torch.no_grad():
+                target = model(x).argmax(1)
+            return method.attribute(x.clone().requires_grad_(name == "Saliency"), target=target,
+                                    **options).detach().cpu().numpy()
+        return attribute
 
     from captum.attr import LayerAttribution, LayerGradCam
     gradcam = LayerGradCam(model, layer)
@@ -385,6 +402,9 @@ def bench(args):
                         continue
                     if target != "last" and explainer not in ("GradCAM", "LayerGradCam"):
                         continue
+                    counterpart = TORCH_EXPLAINERS[explainer][1]
+                    if counterpart is not None and counterpart not in methods:
+                        continue  # a PyTorch explainer runs when its onnxcam counterpart is benchmarked
                     slow = explainer in SLOW_EXPLAINERS
                     if slow and (batch != 1 or args.quick or name not in args.scorecam.split(",")):
                         continue
@@ -422,6 +442,8 @@ def _method_and_options(config):
     """"scorecam:chunk_size=8" -> augment keywords (method, and its options)."""
     method, _, options = config.partition(":")
     parsed = {k: int(v) for k, v in (o.split("=") for o in options.split(",") if o)}
+    if method == "integrated-gradients" and "steps" not in parsed:
+        parsed["steps"] = IG_STEPS  # captum's n_steps on the other side
     return {"method": method, **({"method_options": {method: parsed}} if parsed else {})}
 
 

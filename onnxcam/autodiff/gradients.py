@@ -133,12 +133,12 @@ def _backpropagate(ctx: RuleContext, path, contributions: Dict[str, List[str]], 
     for node_proto in reversed(path):
         view = NodeView(node_proto)
         grads_out = [_total(emit, contributions.pop(o, None), o) for o in view.outputs]
+        for o, g in zip(view.outputs, grads_out):  # before the remap below renames the outputs
+            if o in targets and g is not None:
+                totals[o] = g
         narrow = [t for t in view.inputs + view.outputs if t and emit.info(t).dtype in _NARROW]
         if narrow:  # half-precision models: the backward pass runs in float32 on widened copies
             view.remap({t: _widen(emit, t, widened, constants) for t in narrow})
-        for o, g in zip(view.outputs, grads_out):
-            if o in targets and g is not None:
-                totals[o] = g
         if all(g is None for g in grads_out):
             continue
         rule = get_rule(view.op, ctx.mode)

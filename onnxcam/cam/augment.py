@@ -146,14 +146,13 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
         raise UsageError(f"layer {seeded!r} is the classifier's input, not a feature map; pick another layer")
     emit.set_info(seed, emit.dtype(seeded), emit.info(seeded).shape)
 
-    ctx = MethodContext(emit, image, layers, analysis=analysis)
+    ctx = MethodContext(emit, image, layers, proto=proto, analysis=analysis, target=chosen, seeded=seeded, seed=seed,
+                        spec=spec)
     _differentiate(proto, analysis, emit, the_plan, ctx, seeded, seed, score, spec)
     _seeded_passes(proto, analysis, emit, the_plan, ctx, chosen, score, spec)
     if the_plan.reruns:
         ctx.reruns = Reruns(emit, analysis, image, chosen, seeded, score, spec)
-    emit.fold_expands = True  # the methods read gradients constant over space in compact form
     _run_methods(emit, the_plan, ctx, spec)
-    emit.fold_expands = False
 
     first = spec.methods[0]
     several = len(spec.methods) > 1
@@ -166,6 +165,8 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
         if name in ctx.layer_maps:
             _expose(proto, emit, ctx.layer_maps[name], method_output(LAYER_CAMS_OUTPUT, name), TensorProto.FLOAT,
                     _layer_dims(image, layers))
+    for name, (tensor, dtype, shape) in ctx.outputs.items():  # attributions and residuals of map methods
+        _expose(proto, emit, tensor, name, dtype, shape)
     _expose(proto, emit, chosen.class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
     _expose(proto, emit, _as_float32(emit, chosen.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
     for name, (tensor, dtype, shape) in chosen.extra_outputs.items():
@@ -243,8 +244,16 @@ def _run_methods(emit, the_plan: Plan, ctx: MethodContext, spec: ExplainSpec) ->
             for name in ctx.layers:
                 A = ctx.activation(name) if needs.activation else None
                 G = ctx.gradient(name, needs.seed) if needs.gradient else None
-                raw.append(method.fn(ctx, name, A, G, **options) if method.with_context
-                           else method.fn(emit, A, G, **options))
+                if method.with_context:
+                    raw.append(method.fn(ctx, name, A, G, **options))
+                    continue
+                # A pure (A, G) formula reads a gradient constant over space (global pooling's
+                # backward) in compact form: the broadcast is never materialised.
+                emit.fold_expands = True
+                try:
+                    raw.append(method.fn(emit, A, G, **options))
+                finally:
+                    emit.fold_expands = False
             ctx.maps[method.name], stacked = layer_maps(emit, raw, ctx.image)
             if stacked is not None:
                 ctx.layer_maps[method.name] = stacked

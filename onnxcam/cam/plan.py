@@ -16,6 +16,7 @@ from ..errors import UsageError
 from .methods import LAYER, Method, get_method
 
 LAYERS, INPUT, BIASES = "layers", "input", "biases"  # gradient targets, resolved to tensor names by the augmenter
+SAMPLE_KINDS = ("noise", "path")  # Needs.samples: built by the methods through cam/sampling.py
 
 
 @dataclass
@@ -62,14 +63,14 @@ def plan(method_names: Sequence[str]) -> Plan:
     modes = rule_modes()
     for method in ordered:
         needs = method.needs
-        if needs.samples:
-            raise UsageError(f"method {method.name!r} needs {needs.samples} samples, which this build of onnxcam "
-                             "cannot plan yet")
+        if needs.samples not in (None,) + SAMPLE_KINDS:
+            raise UsageError(f"method {method.name!r} asks for {needs.samples!r} samples; kinds are "
+                             f"{', '.join(SAMPLE_KINDS)}")
         result.reruns = result.reruns or needs.reruns
         if needs.rule_mode not in modes:
             raise UsageError(f"method {method.name!r} asks for rule mode {needs.rule_mode!r}; "
                              f"modes are {', '.join(modes)}")
-        if method.kind == LAYER or needs.activation or needs.gradient:
+        if method.kind == LAYER or needs.activation or needs.gradient or needs.layers:
             result.needs_layers = True
         if needs.activation:
             result.needs_activations = True

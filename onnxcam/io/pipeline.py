@@ -301,17 +301,19 @@ class ExplainRun:
         probability = self._probability(res, i, k)
         records = []
         several_layers = len(self.layers) > 1
+        signed_methods = getattr(self.explainer, "signed_methods", ())
         for method, layer, cam in self._maps(res, i):
+            signed = method in signed_methods  # maps in [-1, 1]: keep the sign, diverging colours
             heat = geometry.to_original(cam, outside=np.nan)
-            heat = np.clip(heat, 0.0, 1.0).astype(np.float32)  # NaN stays NaN
+            heat = np.clip(heat, -1.0 if signed else 0.0, 1.0).astype(np.float32)  # NaN stays NaN
             name = f"{stem}_{k}_{self._method_token(method)}"
             if several_layers and layer not in ("fused", ""):
                 name += f"_{self.layer_tokens[layer]}"
             png, npy = self._output_paths(name)
-            all_zero = not bool(np.nanmax(heat) > 0) if np.isfinite(heat).any() else True
+            all_zero = not bool(np.nanmax(np.abs(heat)) > 0) if np.isfinite(heat).any() else True
             if all_zero:
                 self.on_warning(self._zero_map_message(source.name, k, label, method, layer))
-            rgb = overlay_image(photo, heat, self.alpha, self.colormap)
+            rgb = overlay_image(photo, heat, self.alpha, self.colormap, signed=signed)
             write_png(png, rgb)
             if npy is not None:
                 write_map(npy, heat, self.save_npy)
@@ -449,10 +451,11 @@ class ExplainRun:
         return candidate
 
 
-def overlay_image(photo: np.ndarray, heat: np.ndarray, alpha: float, colormap: str) -> np.ndarray:
+def overlay_image(photo: np.ndarray, heat: np.ndarray, alpha: float, colormap: str,
+                  signed: bool = False) -> np.ndarray:
     """The heatmap blended over the photo; where the map is NaN (cropped away) the photo is shown
-    as it is, so the overlay shows which part the model saw."""
-    blended = blend(photo, np.nan_to_num(heat, nan=0.0), alpha, colormap)
+    as it is, so the overlay shows which part the model saw. Signed maps use a diverging colormap."""
+    blended = blend(photo, np.nan_to_num(heat, nan=0.0), alpha, colormap, signed=signed)
     unseen = np.isnan(heat)
     if unseen.any():
         blended[unseen] = photo[unseen]

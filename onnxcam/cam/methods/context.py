@@ -26,8 +26,17 @@ class MethodContext:
     bias_gradients: List[tuple] = field(default_factory=list)  # (dS/d(out) float32 [N, C, h, w], bias [C] name)
     seeded_gradients: Dict[tuple, str] = field(default_factory=dict)  # (seed, layer) -> float32 [N, C, h, w]
     reruns: Optional[object] = None  # cam.reruns.Reruns when a method re-runs the graph
-    analysis: Optional[object] = None  # the original graph's GraphAnalysis
     diagnostics: Dict[str, List[str]] = field(default_factory=dict)  # output name -> one float32 [N] per layer
+    # Extra graph outputs methods expose (attributions, completeness residuals): name -> (tensor,
+    # ONNX dtype, shape). The augmenter adds them after the maps.
+    outputs: Dict[str, tuple] = field(default_factory=dict)
+    samplers: Dict[object, object] = field(default_factory=dict)  # cam.sampling: one sampled pass per key
+    proto: object = None  # the model being edited (sampled methods add loops and inputs to it)
+    analysis: object = None  # the GraphAnalysis of the original graph
+    target: object = None  # the Target the target builder chose (cam.targets.base.Target)
+    seeded: Optional[str] = None  # the tensor the target's seed is the cotangent of
+    seed: Optional[str] = None  # that seed (negated for counterfactual explanations)
+    spec: object = None  # the ExplainSpec
 
     def activation(self, layer: str) -> str:
         return self._need(self.activations, layer, "activation")
@@ -65,6 +74,10 @@ class MethodContext:
 
     def input_gradient(self, mode: str = STANDARD) -> str:
         return self._need(self.input_gradients, mode, "input_gradient (rule mode)")
+
+    def expose(self, name: str, tensor: str, dtype: int, shape) -> None:
+        """Make `tensor` an extra graph output called `name`."""
+        self.outputs[name] = (tensor, dtype, tuple(shape) if shape is not None else None)
 
     def map_of(self, method: str) -> str:
         return self._need(self.maps, method, "uses")

@@ -37,6 +37,7 @@ class Needs:
     input_gradient: bool = False  # dS/dx at the image input
     rule_mode: str = STANDARD  # the backward pass `input_gradient` comes from (guided, deconvnet...)
     samples: Optional[str] = None  # "noise" or "path": gradients over input samples folded into the batch
+    layers: bool = False  # reads the target layers of those samples (cam/sampling.py), not of x itself
     reruns: bool = False  # forward re-runs of (part of) the graph on masked copies (cam/reruns.py)
     bias_gradients: bool = False  # dS/d(output) of every bias-carrying Conv/BatchNormalization (FullGrad)
     seed: Optional[str] = None  # a score of the method's own (cam/seeds.py): its own backward pass
