@@ -160,11 +160,12 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
                 if name in built.gradients:
                     layout = _layout(emit, name, image, spec, analysis)
                     ctx.gradients[name] = to_nchw(emit, _as_float32(emit, built.gradients[name]), image, layout,
-                                                  spec.token_grid)
+                                                  spec.token_grid, analysis, like=name)
     if the_plan.needs_activations:
         for name in ctx.layers:
             layout = _layout(emit, name, image, spec, analysis)
-            ctx.activations[name] = to_nchw(emit, _as_float32(emit, name), image, layout, spec.token_grid)
+            ctx.activations[name] = to_nchw(emit, _as_float32(emit, name), image, layout, spec.token_grid, analysis,
+                                            like=name)
     ctx.image_nchw = _image_nchw(emit, image.name, image)  # pruned when no method reads it
 
 
@@ -186,7 +187,7 @@ def _run_methods(emit, the_plan: Plan, ctx: MethodContext, spec: ExplainSpec) ->
 
 # ---------------------------------------------------------------------- pieces
 def _layout(emit, name, image, spec, analysis) -> str:
-    return activation_layout(emit, name, image, spec.layout, analysis.producers)
+    return activation_layout(emit, name, image, spec.layout, analysis=analysis)
 
 
 def _as_float32(emit, name):
