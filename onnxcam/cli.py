@@ -33,6 +33,12 @@ def score_options(command):
                      help="What to explain: a class logit, a detection's score, a segment, an embedding, a sequence."),
         click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
                      help="An option of the target (e.g. threshold=0.5, layout=v5, blank=0); repeatable."),
+        click.option("--layout", "layout", default="auto", show_default=True,
+                     type=click.Choice(("auto", "NCHW", "NHWC", "tokens")),
+                     help="Layout of the target layer's activation (auto: found from the ops that made it)."),
+        click.option("--token-grid", "token_grid", nargs=3, type=int, default=None, metavar="EXTRA H W",
+                     help="Token layers: EXTRA leading tokens (class, distillation), then an H x W grid "
+                          "(default: measured)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -127,6 +133,9 @@ def layers(model, output, keep_probabilities):
     rows = [("*" if info.auto else "", info.name, info.op, _shape(info.shape)) for info in found]
     click.echo(table(rows, ("", "tensor", "op", "shape")))
     click.echo(f"\n{len(found)} candidate layer(s); * = the one --layer auto picks")
+    why = next((info.reason for info in found if info.auto and info.reason), None)
+    if why:
+        click.echo(f"auto: {why}")
 
 
 def _shape(shape) -> str:
@@ -148,13 +157,15 @@ def _shape(shape) -> str:
 @click.option("--output", "output", metavar="NAME", help="The model output to explain.")
 @click.option("--vjp", is_flag=True, help="Expose the raw activation and gradient instead of a CAM.")
 @score_options
-def augment(model, out, layer, method, output, vjp, keep_probabilities, counterfactual, target, target_options):
+def augment(model, out, layer, method, output, vjp, keep_probabilities, counterfactual, target, target_options,
+            layout, token_grid):
     """Write a copy of MODEL that also outputs the CAM (inputs/outputs documented in the README)."""
     from .cam.augment import augment as do_augment
     from .errors import OutputError
     from .modelio import _same_file, input_files, load_model, save_model
 
-    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=vjp)
+    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=vjp,
+                     layout=layout, token_grid=token_grid)
     refuse = input_files(model) if out.exists() else []
     if any(_same_file(out, other) for other in refuse):
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
@@ -200,7 +211,7 @@ def augment(model, out, layer, method, output, vjp, keep_probabilities, counterf
                    "a model's second input...); repeatable.")
 def explain(model, images, out_dir, class_index, top_k, method, layer, output, preset, size, resize, bgr,
             labels_path, batch_size, provider, alpha, colormap, max_pixels, keep_probabilities, counterfactual,
-            target, target_options, extra_inputs):
+            target, target_options, layout, token_grid, extra_inputs):
     """Explain photos with MODEL: an overlay PNG and a .npy map per image and class, and summary.jsonl."""
     from .io.files import ensure_output_dir
     from .io.images import DEFAULT_MAX_PIXELS, list_images
@@ -221,7 +232,8 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
     if max_pixels is not None and max_pixels < 1:
         raise UsageError(f"--max-pixels must be at least 1, got {max_pixels}")
     inputs = load_inputs(extra_inputs)
-    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options)
+    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options,
+                     layout=layout, token_grid=token_grid)
     explainer = Explainer(model, spec=spec, providers=[provider] if provider else None)
     n_classes = getattr(explainer, "n_classes", None)
     if class_index is not None and n_classes and class_index >= n_classes:
@@ -249,13 +261,15 @@ def _remove_if_empty(folder) -> None:
         pass
 
 
-def make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=False):
+def make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=False,
+              layout="auto", token_grid=None):
     """The ExplainSpec the options describe (shared by augment and explain)."""
     from .spec import ExplainSpec
 
     return ExplainSpec(methods=method, layers=tuple(layer) or "auto", output=output,
                        keep_probabilities=keep_probabilities, counterfactual=counterfactual, target=target,
-                       target_options=parse_options(target_options), vjp=vjp)
+                       target_options=parse_options(target_options), vjp=vjp, layout=layout or "auto",
+                       token_grid=tuple(token_grid) if token_grid else None)
 
 
 def progress_bar(total: int):

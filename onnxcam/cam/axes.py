@@ -41,7 +41,7 @@ class AxisTracker:
         self.image = image
         self._memo: Dict[str, Optional[List[Axis]]] = {}
         self._missing: set = set()
-        self._probed = False
+        self._probed: set = set()
         self._constants = None
 
     @property
@@ -53,9 +53,9 @@ class AxisTracker:
     def kinds(self, tensor: str) -> Optional[List[str]]:
         """Per-axis "B", "C", "S" or "1" (an empty axis), or None when the chain cannot be followed."""
         axes = self._axes(tensor, 0)
-        if axes is None and self._missing and not self._probed:
-            self._probed = True  # shape inference lost sizes on the way: measure them, once
-            self.analysis.probe(sorted(self._missing))
+        if axes is None and self._missing and tensor not in self._probed:
+            self._probed.add(tensor)  # shape inference lost sizes on the way: measure them all, once
+            self.analysis.probe(self._unmeasured_upstream(tensor))
             self._memo.clear()
             axes = self._axes(tensor, 0)
         return None if axes is None else [summary(axis) for axis in axes]
@@ -165,7 +165,27 @@ class AxisTracker:
     # ------------------------------------------------------------------ shapes
     def _rank(self, tensor) -> Optional[int]:
         info = self.analysis.infos.get(tensor)
-        return None if info is None or info.shape is None else len(info.shape)
+        if info is None or info.shape is None:
+            self._missing.add(tensor)
+            return None
+        return len(info.shape)
+
+    def _unmeasured_upstream(self, tensor) -> List[str]:
+        """Every activation upstream of `tensor` whose sizes are not all known (one probe run)."""
+        producers, constants = self.analysis.producers, self.constant_names
+        seen, stack, found = {tensor}, [tensor], []
+        while stack:
+            name = stack.pop()
+            info = self.analysis.infos.get(name)
+            if info is None or info.shape is None or not all(
+                    isinstance(d, int) or (isinstance(d, str) and d.startswith("probe_")) for d in info.shape):
+                found.append(name)
+            node = producers.get(name)
+            for i in node.input if node is not None else ():
+                if i and i not in seen and i not in constants and i in producers:
+                    seen.add(i)
+                    stack.append(i)
+        return found
 
     def _same_shape(self, a, b) -> bool:
         sa, sb = self.analysis.infos.get(a), self.analysis.infos.get(b)

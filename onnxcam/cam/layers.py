@@ -155,8 +155,9 @@ def _block_outputs(analysis, constants) -> Dict[str, onnx.NodeProto]:
     for n in analysis.nodes:
         if n.op_type == "Add" and len(n.input) == 2 and not any(i in constants for i in n.input):
             shapes = [getattr(infos.get(t), "shape", None) for t in (*n.input, n.output[0])]
-            if shapes[0] is not None and shapes[0] == shapes[1] == shapes[2]:
-                found[n.output[0]] = n
+            if all(s is not None for s in shapes) and len({len(s) for s in shapes}) == 1 and all(
+                    len({d for d in dims if isinstance(d, int)}) <= 1 for dims in zip(*shapes)):
+                found[n.output[0]] = n  # same rank, no two known sizes differ (no broadcast)
     return found
 
 
@@ -218,6 +219,10 @@ def token_mixers(analysis: GraphAnalysis, feeders) -> Dict[str, Tuple[str, str]]
     "linear" (a Linear across the token axis, MLP-mixers) or "pooling" (a mean over tokens)."""
     constants = analysis.constant_names() | analysis.initializers
     infos = analysis.infos
+    unsure = [n.output[0] for n in analysis.nodes if n.op_type == "Softmax" and n.output[0] in feeders
+              and not isinstance(_axis(infos.get(n.output[0]), -2), int)]
+    if unsure:  # is the query axis 1 (class attention)? Measure what inference lost.
+        analysis.probe(unsure)
     found = {}
     for n in analysis.nodes:
         out = n.output[0] if n.output else ""
@@ -242,6 +247,11 @@ def token_mixers(analysis: GraphAnalysis, feeders) -> Dict[str, Tuple[str, str]]
             if perm is not None and len(perm) == 3 and perm[-1] == 1:
                 found[out] = ("linear", f"a Linear across tokens ({n.name or out})")
     return found
+
+
+def _axis(info, axis):
+    shape = getattr(info, "shape", None)
+    return shape[axis] if shape is not None and len(shape) >= abs(axis) else None
 
 
 def _reduce_axes(analysis, node):
