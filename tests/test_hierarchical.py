@@ -176,3 +176,16 @@ def test_cli_layout_token_grid_and_reason(tmp_path):
     assert np.max(np.abs(cam - reference)) <= 1e-3
     wrong = CliRunner().invoke(main, ["augment", path, "-o", str(tmp_path / "x.onnx"), "--token-grid", "0", "0", "4"])
     assert wrong.exit_code == 2 and "token grid" in wrong.output
+
+
+def test_token_grid_when_the_model_cannot_be_probed(tmp_path, monkeypatch):
+    """Without a probe run (a model ONNX Runtime cannot run on made-up inputs), the grid of a
+    dynamic token count follows from the run-time count and the input's aspect ratio (the
+    convolution strides, 8 here, would miss the subsampling attention's Slice)."""
+    from onnxcam.autodiff.analysis import GraphAnalysis
+
+    torch.manual_seed(0)
+    model = randomise_norms(LeViTLike())
+    path = export(model, tmp_path / "levit.onnx", 64, opset=17, dynamic_spatial=True)
+    monkeypatch.setattr(GraphAnalysis, "probe", lambda self, names, required=False: {})
+    check_against_reference(model, path, "blocks2.1", photo_like(2, 64, 96), lambda a: tokens_to_nchw(a, 4, 6))

@@ -278,6 +278,12 @@ def check_export(name, exporter, model, size, target, layout, extra, tmp):
                             targets=[ClassifierOutputTarget(int(c)) for c in result.class_index])
         row["reference_peak"] = float(reference.reshape(len(x), -1).max(1).min())
         row["cam_diff"] = float(np.max(np.abs(result.cam - reference)))
+        to_nchw = reshape_transform(layout, extra) or (lambda t: t)
+        a4, g4 = (to_nchw(torch.from_numpy(v)).numpy() for v in (act, grad))
+        row["map_spread"] = map_spread(a4, g4)
+        if np.all(result.class_index == top):  # the same formula on ONNX Runtime's own A and G
+            o4, og4 = (to_nchw(torch.from_numpy(v)).numpy() for v in (act_o, grad_o))
+            row["cam_vs_formula_on_ort"] = float(np.max(np.abs(result.cam - gradcam_formula(o4, og4, x.shape[2:]))))
         row["classes_agree"] = bool(np.all(result.class_index == top))
         try:
             automatic = onnxcam.Explainer(path, providers=["cpu"])(x)
@@ -289,11 +295,43 @@ def check_export(name, exporter, model, size, target, layout, extra, tmp):
         row.update(status="onnxcam failed", error=f"{type(exc).__name__}: {str(exc)[:300]}",
                    trace=traceback.format_exc()[-1500:])
         return row
-    ok = (row["grad_rel"] <= GRAD_TOLERANCE and row["cam_diff"] <= CAM_TOLERANCE and row["reference_peak"] > 0.5
-          and row["auto_runs"])
-    row["status"] = "pass" if ok else "FAIL"
+    exact = row["grad_rel"] <= GRAD_TOLERANCE and row["reference_peak"] > 0.5 and row["auto_runs"]
+    if exact and row["cam_diff"] <= CAM_TOLERANCE:
+        row["status"] = "pass"
+    elif exact and row["act_rel"] <= GRAD_TOLERANCE and row["map_spread"] < 1e-2 and row["cam_diff"] <= (
+            10 * (row["act_rel"] + row["grad_rel"] + 1e-6) / row["map_spread"]):
+        # A and G agree with torch to float32 rounding, but the raw map is nearly flat: min-max
+        # scaling amplifies that rounding by 1 / spread (also between two ORT sessions of one model).
+        row["status"] = "pass (flat map)"
+    else:
+        row["status"] = "FAIL"
     row["seconds"] = round(time.time() - started, 1)
     return row
+
+
+def gradcam_formula(A, G, input_hw):
+    """pytorch-grad-cam's GradCAM pipeline in numpy (one layer): weights, relu, scale, resize, scale."""
+    import cv2
+    import numpy as np
+
+    cams = np.maximum((G.mean(axis=(2, 3))[:, :, None, None] * A).sum(axis=1), 0)
+    out = []
+    for cam in cams:
+        cam = cam - cam.min()
+        cam = cv2.resize(np.float32(cam / (1e-7 + cam.max())), (input_hw[1], input_hw[0]))
+        cam = cam - cam.min()
+        out.append(cam / (1e-7 + cam.max()))
+    return np.float32(out)
+
+
+def map_spread(A, G) -> float:
+    """(max - min) / max |.| of the raw Grad-CAM map, the smallest over the batch: a map with a
+    spread of 1e-3 turns float32 rounding of A (1e-7 relative) into 1e-4 after min-max scaling."""
+    import numpy as np
+
+    raw = (G.mean(axis=(2, 3))[:, :, None, None] * A).sum(axis=1)
+    flat = raw.reshape(len(raw), -1)
+    return float(np.min((flat.max(1) - flat.min(1)) / (np.abs(flat).max(1) + 1e-30)))
 
 
 def run_one(name, exporters, out_json):
@@ -360,7 +398,7 @@ def main(argv=None) -> int:
         _save(args.json, rows)
         write_markdown(args.markdown, rows)
     write_markdown(args.markdown, rows)
-    passed = sum(r["status"] == "pass" for r in rows)
+    passed = sum(r["status"].startswith("pass") for r in rows)
     print(f"{passed}/{len(rows)} exports pass")
     return 0
 
@@ -387,7 +425,8 @@ def write_markdown(path, rows):
     import onnxruntime
     import timm
     import torch
-    passed = sum(r["status"] == "pass" for r in rows)
+    passed = sum(r["status"].startswith("pass") for r in rows)
+    flat = sum(r["status"] == "pass (flat map)" for r in rows)
     auto = sum(bool(r.get("auto_matches")) for r in rows)
     lines = ["# onnxcam on timm architectures",
              "",
@@ -398,17 +437,23 @@ def write_markdown(path, rows):
              f"cam: max |diff| of the Grad-CAM maps in [0, 1] (pass <= {CAM_TOLERANCE:g}); auto: onnxcam's automatic "
              "layer is the recommended tensor (=) or another (!=), and the all-automatic explainer runs.",
              "",
-             f"**{passed} of {len(rows)} exports pass**; the automatic layer is the recommended one in {auto} of "
-             f"{len(rows)}.",
+             "A row whose maps differ by more than that passes as *flat map* only when activation and gradient "
+             "agree with torch (<= 1e-4), the raw map is nearly flat (spread = (max - min) / max |.| < 1e-2) and "
+             "the difference is within 10 x (activation error + gradient error + 1e-6) / spread: min-max scaling "
+             "of a nearly flat map amplifies float32 rounding by about 1 / spread (seeded weights make the last "
+             "tokens of some models almost alike).",
              "",
-             "| arch | exporter | input | target | grad | cam | auto | status |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"**{passed} of {len(rows)} exports pass** ({passed - flat} within {CAM_TOLERANCE:g}, {flat} as flat "
+             f"maps); the automatic layer is the recommended one in {auto} of {len(rows)}.",
+             "",
+             "| arch | exporter | input | target | grad | cam | spread | auto | status |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["arch"], r["exporter"])):
         automatic = "-" if "auto_matches" not in r else ("=" if r["auto_matches"] else "!=") + (
             "" if r.get("auto_runs", True) else " (fails)")
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         lines.append(f"| {r['arch']} | {r['exporter']} | {r.get('size', '')} | {r.get('target', '')} | "
-                     f"{_f(r.get('grad_rel'))} | {_f(r.get('cam_diff'))} | {automatic} | {status.replace('|', '/')} |")
+                     f"{_f(r.get('grad_rel'))} | {_f(r.get('cam_diff'))} | {_f(r.get('map_spread'))} | {automatic} | {status.replace('|', '/')} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

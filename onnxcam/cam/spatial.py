@@ -88,11 +88,7 @@ def to_nchw(emit, tensor: str, image, layout: str, grid: Optional[Tuple[int, int
         raise UnsupportedModelError(f"unknown activation layout {layout!r}; use NCHW, NHWC or tokens")
     found = grid or find_grid(emit, like or tensor, image, analysis)
     dims = emit.dims(tensor)
-    if isinstance(found, StrideGrid):
-        h, w = (emit.d_div(emit.d_add(size, found.stride[i] - 1), found.stride[i])
-                for i, size in enumerate(_image_hw(emit, image)))
-        kept = emit.slice(tensor, [emit.d_sub(0, emit.d_mul(h, w))], [_INT64_MAX], [1])  # extra tokens come first
-    elif isinstance(found, RunTimeGrid):
+    if isinstance(found, RunTimeGrid):
         h, w = _grid_from_count(emit, emit.d_sub(dims[1], found.extra), image, tensor)
         kept = emit.slice(tensor, [found.extra], [_INT64_MAX], [1]) if found.extra else tensor
     else:
@@ -112,15 +108,13 @@ class RunTimeGrid(NamedTuple):
     extra: int
 
 
-class StrideGrid(NamedTuple):
-    """The last ceil(H / sh) * ceil(W / sw) tokens form the grid (from the model's strides)."""
-    stride: Tuple[int, int]
-
-
 def find_grid(emit, tensor: str, image, analysis=None):
     """The token grid of `tensor` [N, T, C]: (extra, h, w) when the token count and the input size
-    are fixed; a RunTimeGrid when they change together (measured by probing the model at two
-    input sizes); a StrideGrid from the convolution strides when the model cannot be probed."""
+    are fixed; a RunTimeGrid when they change together, its extra tokens measured by probing the
+    model at two input sizes, or, when the model cannot be probed, counted from the Concats that
+    put class tokens before the patch tokens (the grid itself then follows from the run-time token
+    count and the input's aspect ratio: convolution strides alone would miss token subsampling
+    by Slice, as in LeViT)."""
     tokens = emit.info(tensor).shape[1]
     if not isinstance(tokens, int) and analysis is not None and not _probed(tokens):
         analysis.probe([tensor])
@@ -137,9 +131,9 @@ def find_grid(emit, tensor: str, image, analysis=None):
         found = _extra_from_probes(counts, _probe_sizes(analysis, image))
         if found is not None:
             return found
-    stride = model_stride(analysis, tensor, image) if analysis is not None else None
-    if stride is not None:
-        return StrideGrid(stride)
+    extra = concatenated_tokens(analysis, tensor, image) if analysis is not None else None
+    if extra is not None:
+        return RunTimeGrid(extra)
     raise UnsupportedModelError(f"target {tensor!r}: the token grid cannot be inferred (the token count is "
                                 f"{tokens!r} and the model could not be probed); {GRID_HINT}")
 
@@ -189,27 +183,39 @@ def _image_hw(emit, image):
     return [dims[a] for a in image.spatial_axes]
 
 
-_STRIDED_OPS = {"Conv", "MaxPool", "AveragePool", "ConvTranspose"}
+def _rank(analysis, name) -> int:
+    info = analysis.infos.get(name)
+    return -1 if info is None or info.shape is None else len(info.shape)
 
 
-def model_stride(analysis, tensor: str, image) -> Optional[Tuple[int, int]]:
-    """The product of the Conv/pooling strides from the image to `tensor` along its main chain (the
-    most recently computed activation input of each op); None if the chain misses the image."""
+def _maybe_float(analysis, name) -> bool:
+    info = analysis.infos.get(name)
+    return info is None or info.dtype is None or info.is_float
+
+
+def concatenated_tokens(analysis, tensor: str, image) -> Optional[int]:
+    """How many tokens Concats along the token axis put before the patch tokens on the way from
+    the image to `tensor` (class and distillation tokens), walking up its main chain (the
+    highest-rank, most recently computed activation input of each op); None if the chain does
+    not reach the image or an added token count is not static."""
     constants = analysis.constant_names()
-    sh = sw = 1
-    seen = set()
+    extra, seen = 0, set()
     while tensor != image.name:
         node = analysis.producers.get(tensor)
         if node is None or tensor in seen:
             return None
         seen.add(tensor)
-        if node.op_type in ("Conv", "MaxPool", "AveragePool"):
-            strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1, 1])
-            if len(strides) == 2:
-                sh, sw = sh * strides[0], sw * strides[1]
-        inputs = [i for i in node.input if i == image.name or (
-            i and i not in constants and getattr(analysis.infos.get(i), "is_float", False))]
+        inputs = [i for i in node.input if i == image.name or (i and i not in constants and _maybe_float(analysis, i))]
         if not inputs:
             return None
-        tensor = max(inputs, key=lambda i: analysis.order.get(i, -1))
-    return (sh, sw) if sh * sw > 1 else None
+        if node.op_type == "Concat" and _rank(analysis, tensor) == 3 and next(
+                (a.i for a in node.attribute if a.name == "axis"), 0) in (1, -2):
+            sizes = [analysis.infos[i].shape[1] if _rank(analysis, i) == 3 else None for i in node.input]
+            main = max(range(len(sizes)), key=lambda k: (not isinstance(sizes[k], int), sizes[k] or 0))
+            if any(not isinstance(v, int) for k, v in enumerate(sizes) if k != main):
+                return None
+            extra += sum(v for k, v in enumerate(sizes) if k != main)
+            tensor = node.input[main]
+            continue
+        tensor = max(inputs, key=lambda i: (_rank(analysis, i), analysis.order.get(i, -1)))
+    return extra
