@@ -88,8 +88,9 @@ def differentiable_feeders(analysis: GraphAnalysis, score: str) -> set:
 
 
 def candidate_layers(analysis: GraphAnalysis, score: str) -> List[LayerInfo]:
-    """Every 4-D float activation on a differentiable path to `score`, in graph order (with the
-    token sequences of transformers and MLP-mixers), the automatic choice marked with its reason."""
+    """Every 4-D float activation on a differentiable path to `score` outside attention, in graph
+    order (with the token sequences of transformers and MLP-mixers), the automatic choice marked
+    with its reason. Any tensor can still be named as a layer."""
     infos, nodes = analysis.infos, analysis.nodes
     feeders = differentiable_feeders(analysis, score)
     constants = analysis.constant_names() | analysis.initializers
@@ -104,8 +105,9 @@ def candidate_layers(analysis: GraphAnalysis, score: str) -> List[LayerInfo]:
             info = infos.get(out)
             if out in feeders and out not in constants and info is not None and info.rank == 4 and info.is_float:
                 found.append(LayerInfo(out, node.op_type, node.name, info.shape))
-    inside = attention_internals(analysis)
-    auto, reason = auto_layer([l for l in found if l.name not in inside]), SPATIAL_REASON
+    inside = attention_internals(analysis)  # heads x tokens x dims: not listed, never chosen
+    found = [l for l in found if l.name not in inside]
+    auto, reason = auto_layer(found), SPATIAL_REASON
     tokens = token_layers(analysis, feeders)
     unsure = [l.name for l in tokens if not isinstance(l.shape[1], int)]
     if unsure:  # shape inference loses token counts after dynamic Reshapes: measure them
