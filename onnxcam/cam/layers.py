@@ -116,7 +116,11 @@ def candidate_layers(analysis: GraphAnalysis, score: str) -> List[LayerInfo]:
     found = sorted(found + tokens, key=lambda l: order[l.name])
     mixers = token_mixers(analysis, feeders)
     blocks = _after(order, last_downsampling(analysis, feeders), tokens + channels_last_norms(analysis, feeders))
-    chosen = auto_attention_layer(analysis, blocks, mixers, feeders)
+    chosen = (None, "")
+    # A transformer or mixer ends in token blocks; a hybrid whose last feature map comes after its
+    # attention (MobileViT's fold and convolutions, EdgeNeXt's channel attention) ends as a CNN.
+    if blocks and (auto is None or order[blocks[-1].name] >= order[auto]):
+        chosen = auto_attention_layer(analysis, blocks, mixers, feeders)
     if chosen[0] is None and tokens and (auto is None or order[tokens[-1].name] > order[auto]):
         chosen = auto_token_layer(analysis, tokens, mixers, feeders)
     if chosen[0] is not None:
