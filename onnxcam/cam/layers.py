@@ -314,7 +314,8 @@ def auto_attention_layer(analysis, norms: Sequence[LayerInfo], mixers, feeders) 
     return None, ""
 
 
-def auto_token_layer(analysis: GraphAnalysis, tokens: Sequence[LayerInfo], mixers, feeders) -> Tuple[Optional[str], str]:
+def auto_token_layer(analysis: GraphAnalysis, tokens: Sequence[LayerInfo], mixers,
+                     feeders) -> Tuple[Optional[str], str]:
     """Without a norm feeding attention (LeViT's BatchNorm'd Linears): the last norm or block
     output whose every token reaches the score through a token mixer (pooling counts)."""
     reaching = _reaching(analysis, mixers, feeders)
