@@ -476,6 +476,19 @@ def write_markdown(path, rows):
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         lines.append(f"| {r['arch']} | {r['exporter']} | {r.get('size', '')} | {r.get('target', '')} | "
                      f"{_f(r.get('grad_rel'))} | {_f(r.get('cam_diff'))} | {_f(r.get('map_spread'))} | {automatic} | {status.replace('|', '/')} |")
+    differ = [r for r in sorted(rows, key=lambda r: (r["arch"], r["exporter"])) if "auto_matches" in r
+              and not r["auto_matches"]]
+    if differ:
+        lines += ["", "## Where the automatic layer is not the recommended one", "",
+                  "| arch | exporter | recommended tensor | automatic tensor | onnxcam's reason |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['arch']} | {r['exporter']} | `{r.get('tensor')}` | `{r.get('auto')}` | "
+                  f"{(r.get('auto_reason') or '').replace('|', '/')} |" for r in differ]
+    failed = [r for r in rows if not r["status"].startswith("pass")]
+    if failed:
+        lines += ["", "## Failures", ""]
+        lines += [f"- {r['arch']} ({r['exporter']}): {r['status']}: {r.get('error') or r.get('auto_error') or ''}"
+                  for r in sorted(failed, key=lambda r: (r["arch"], r["exporter"]))]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
