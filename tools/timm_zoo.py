@@ -76,7 +76,7 @@ ARCHS = {
     "pvt_v2_b0": ({}, 96, "stages.-1.blocks.-1.norm1", "tokens", 0),
     "resmlp_12_224": ({}, 224, "blocks.-1.norm1", "tokens", 0),
     "cait_xxs24_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 0),
-    "coat_lite_tiny": ({}, 224, "serial_blocks4.-1", "tokens", 1),
+    "coat_lite_tiny": ({}, 224, "serial_blocks4.-1.norm1", "tokens", 1),
     "twins_svt_small": ({}, 96, "blocks.-1.-1.norm1", "tokens", 0),
     "beit_base_patch16_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 1),
     "mixer_s16_224": ({}, 224, "blocks.-1.norm1", "tokens", 0),
