@@ -422,6 +422,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _plain(text: str) -> str:
+    """Without the terminal colour codes torch puts in its messages."""
+    import re
+    return re.sub(r"\x1b\[[0-9;]*m|\[[0-9;]*m", "", text)
+
+
 def _f(v):
     return "   -    " if v is None else f"{v:.1e}"
 
@@ -464,8 +470,8 @@ def write_markdown(path, rows):
              "tokens of some models almost alike).",
              "",
              f"**{passed} of {len(exported)} exports pass** ({passed - flat} within {CAM_TOLERANCE:g}, {flat} as "
-             f"flat maps) over {len({r['arch'] for r in rows})} architectures; {len(rows) - len(exported)} more "
-             f"exports failed in torch's exporter (not counted). The automatic layer is the recommended one in "
+             f"flat maps) over {len({r['arch'] for r in rows})} architectures; exports that failed in torch's "
+             f"exporter, not counted: {len(rows) - len(exported)}. The automatic layer is the recommended one in "
              f"{auto} of {len(exported)}.",
              "",
              "| arch | exporter | input | target | grad | cam | spread | auto | status |",
@@ -473,7 +479,7 @@ def write_markdown(path, rows):
     for r in sorted(rows, key=lambda r: (r["arch"], r["exporter"])):
         automatic = "-" if "auto_matches" not in r else ("=" if r["auto_matches"] else "!=") + (
             "" if r.get("auto_runs", True) else " (fails)")
-        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        status = r["status"] + (f": {_plain(r['error'])}" if r.get("error") else "")
         lines.append(f"| {r['arch']} | {r['exporter']} | {r.get('size', '')} | {r.get('target', '')} | "
                      f"{_f(r.get('grad_rel'))} | {_f(r.get('cam_diff'))} | {_f(r.get('map_spread'))} | {automatic} | {status.replace('|', '/')} |")
     differ = [r for r in sorted(rows, key=lambda r: (r["arch"], r["exporter"])) if "auto_matches" in r
@@ -487,7 +493,7 @@ def write_markdown(path, rows):
     failed = [r for r in rows if not r["status"].startswith("pass")]
     if failed:
         lines += ["", "## Failures", ""]
-        lines += [f"- {r['arch']} ({r['exporter']}): {r['status']}: {r.get('error') or r.get('auto_error') or ''}"
+        lines += [f"- {r['arch']} ({r['exporter']}): {r['status']}: {_plain(r.get('error') or r.get('auto_error') or '')}"
                   for r in sorted(failed, key=lambda r: (r["arch"], r["exporter"]))]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
