@@ -125,8 +125,14 @@ def candidate_layers(analysis: GraphAnalysis, score: str) -> List[LayerInfo]:
         chosen = auto_token_layer(analysis, tokens, mixers, feeders)
     if chosen[0] is not None:
         auto, reason = chosen
-    return [LayerInfo(l.name, l.op, l.node, l.shape, l.name == auto, reason if l.name == auto else "")
+    return [LayerInfo(l.name, l.op, l.node, _shown(l.shape), l.name == auto, reason if l.name == auto else "")
             for l in found]
+
+
+def _shown(shape) -> Tuple[object, ...]:
+    """A shape for people: a dim measured by a probe run varies with the input (None), its
+    internal symbol ('probe_1_2') means nothing to a reader."""
+    return tuple(None if isinstance(d, str) and d.startswith("probe_") else d for d in shape)
 
 
 SPATIAL_REASON = "the last spatial feature map (h, w > 1) on the way to the score, outside attention"
