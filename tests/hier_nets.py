@@ -323,6 +323,21 @@ class CaiTLike(nn.Module):
         return self.head(self.norm(torch.cat([cls, x], dim=1))[:, 0])
 
 
+class PatchTransformer(nn.Module):
+    """A ViT without class token or position embedding: any input size works, and a patch grid
+    floors H / 16 and W / 16 (100 x 60 -> 6 x 3 tokens: not the input's aspect ratio)."""
+
+    def __init__(self, dim=24, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 16, 16)
+        self.blocks = nn.Sequential(SelfAttentionBlock(dim), SelfAttentionBlock(dim))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(1))
+
+
 def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """BatchNorm statistics and affine parameters away from the identity (torch's defaults make
     inference BN a no-op, and a comparison through it less telling), and He-initialised

@@ -191,3 +191,17 @@ def test_token_grid_when_the_model_cannot_be_probed(tmp_path, monkeypatch):
     path = export(model, tmp_path / "levit.onnx", 64, opset=17, dynamic_spatial=True)
     monkeypatch.setattr(GraphAnalysis, "probe", lambda self, names, required=False: {})
     check_against_reference(model, path, "blocks2.1", photo_like(2, 64, 96), lambda a: tokens_to_nchw(a, 4, 6))
+
+
+@pytest.mark.parametrize("size, grid", [((100, 60), (6, 3)), ((64, 96), (4, 6)), ((48, 200), (3, 12))])
+def test_run_time_grid_when_patches_floor_the_input(tmp_path, size, grid):
+    """One augmented model for every input size: the grid follows the run-time token count, also
+    when flooring H / 16 and W / 16 moves it off the input's aspect ratio."""
+    from hier_nets import PatchTransformer
+
+    torch.manual_seed(5)
+    model = randomise_norms(PatchTransformer())
+    path = export(model, tmp_path / "patches.onnx", 64, opset=17, dynamic_spatial=True)
+    assert in_scope(auto_layer(path).node, "blocks.1.norm1")
+    check_against_reference(model, path, "blocks.1.norm1", photo_like(2, *size, seed=5),
+                            lambda a: tokens_to_nchw(a, *grid))

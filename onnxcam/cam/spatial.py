@@ -170,11 +170,20 @@ def _grid_with_extra(tokens, extra, height, width):
 
 
 def _grid_from_count(emit, count, image, like):
-    """In-graph h, w of a grid of `count` tokens with the input's aspect ratio."""
+    """In-graph h, w of a grid of `count` tokens with the input's aspect ratio: h = the nearest of
+    round(sqrt(count * H / W)) and its neighbours that divides count (patch grids floor or ceil
+    H / stride and W / stride, which moves the ratio by up to a row), w = count / h."""
     height, width = _image_hw(emit, image)
     ratio = emit.op("Div", emit.d_to_float(height, like), emit.d_to_float(width, like))
     rows = emit.op("Round", emit.op("Sqrt", emit.op("Mul", emit.d_to_float(count, like), ratio)))
-    h = emit.op("Reshape", emit.cast(rows, TensorProto.INT64), emit.ints([1]))
+    guess = emit.op("Reshape", emit.cast(rows, TensorProto.INT64), emit.ints([1]))
+    one = emit.ints([1])
+    counts = emit.op("Reshape", emit.shape_of([count]), emit.ints([1]))
+    h = emit.op("Add", guess, one)
+    for offset in (-1, 0):  # the last assignment wins: round first, then one row less, then one more
+        candidate = emit.op("Max", emit.op("Add", guess, emit.ints([offset])), one)
+        divides = emit.op("Equal", emit.op("Mod", counts, candidate), emit.ints([0]))
+        h = emit.op("Where", divides, candidate, h)
     return h, emit.d_div(count, h)
 
 
