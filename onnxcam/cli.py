@@ -33,6 +33,12 @@ def score_options(command):
                      help="What to explain: a class logit, a detection's score, a segment, an embedding, a sequence."),
         click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
                      help="An option of the target (e.g. threshold=0.5, layout=v5, blank=0); repeatable."),
+        click.option("--layout", "layout", default="auto", show_default=True,
+                     type=click.Choice(("auto", "NCHW", "NHWC", "tokens")),
+                     help="Layout of the target layer's activation (auto: found from the ops that made it)."),
+        click.option("--token-grid", "token_grid", nargs=3, type=int, default=None, metavar="EXTRA H W",
+                     help="Token layers: EXTRA leading tokens (class, distillation), then an H x W grid "
+                          "(default: measured)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -171,6 +177,9 @@ def layers(model, output, keep_probabilities, size, ops, min_size, pattern):
     where = (f"at input size {h}x{w} pixels (--size to change)" if shapes else
              "with their declared shapes (one run on zeros did not work to measure them)")
     click.echo(f"\n{shown} candidate layer(s) {where}; * = the one --layer auto picks")
+    why = next((info.reason for info in found if info.auto and getattr(info, "reason", None)), None)
+    if why:
+        click.echo(f"auto: {why}")
 
 
 def _spatial_size(shape):
@@ -207,13 +216,14 @@ def _shape(shape) -> str:
               help="Backward convolutions get their own weight copies (for OpenVINO; costs memory).")
 @score_options
 def augment(model, out, layer, method, output, vjp, portable, keep_probabilities, counterfactual, target,
-            target_options):
+            target_options, layout, token_grid):
     """Write a copy of MODEL that also outputs the CAM (inputs/outputs documented in the README)."""
     from .cam.augment import augment as do_augment
     from .errors import OutputError
     from .modelio import _same_file, input_files, load_model, save_model
 
-    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=vjp)
+    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=vjp,
+                     layout=layout, token_grid=token_grid)
     refuse = input_files(model) if out.exists() else []
     if any(_same_file(out, other) for other in refuse):
         raise OutputError(f"{out}: refusing to overwrite the input model or its data; choose another output path")
@@ -271,8 +281,8 @@ def augment(model, out, layer, method, output, vjp, portable, keep_probabilities
               help="GPUs per Ray actor (CUDA through ONNX Runtime).")
 def explain(model, images, out_dir, class_index, top_k, method, layer, output, preset, size, resize, bgr,
             labels_path, batch_size, provider, alpha, colormap, max_pixels, keep_probabilities, counterfactual,
-            target, target_options, extra_inputs, save_npy, report, overwrite, engine, ray_address, actors,
-            gpus_per_actor):
+            target, target_options, layout, token_grid, extra_inputs, save_npy, report, overwrite, engine, ray_address,
+            actors, gpus_per_actor):
     """Explain photos with MODEL: an overlay PNG and a .npy map per image, class and method, and summary.jsonl."""
     from .io.files import ensure_output_dir
     from .io.images import DEFAULT_MAX_PIXELS, list_images
@@ -300,7 +310,8 @@ def explain(model, images, out_dir, class_index, top_k, method, layer, output, p
     duplicate = duplicate_ort_message()
     if duplicate:
         _warn(duplicate)
-    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options)
+    spec = make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options,
+                     layout=layout, token_grid=token_grid)
     if engine == "ray":
         from . import ray as on_ray
 
@@ -358,13 +369,15 @@ def _remove_if_empty(folder) -> None:
         pass
 
 
-def make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=False):
+def make_spec(layer, method, output, keep_probabilities, counterfactual, target, target_options, vjp=False,
+              layout="auto", token_grid=None):
     """The ExplainSpec the options describe (shared by augment and explain)."""
     from .spec import ExplainSpec
 
     return ExplainSpec(methods=method, layers=tuple(layer) or "auto", output=output,
                        keep_probabilities=keep_probabilities, counterfactual=counterfactual, target=target,
-                       target_options=parse_options(target_options), vjp=vjp)
+                       target_options=parse_options(target_options), vjp=vjp, layout=layout or "auto",
+                       token_grid=tuple(token_grid) if token_grid else None)
 
 
 def progress_bar(total: int):

@@ -66,15 +66,13 @@ class GraphAnalysis:
             if required:
                 raise
             return {}
-        for name, probed in list(found.items()):
-            found[name] = _merged(self.infos.get(name), probed)
         self.infos.update(found)
         return found
 
 
-def _merged(known: Optional[TensorInfo], probed: TensorInfo) -> TensorInfo:
+def merged(known: Optional[TensorInfo], probed: TensorInfo) -> TensorInfo:
     """Probed sizes where they are numbers; where the probe saw a size vary (the batch), the symbol
-    shape inference gave, so that tensors sharing a symbol keep sharing it."""
+    shape inference gave, so that this tensor keeps sharing it with tensors that were not probed."""
     if known is None or known.shape is None or probed.shape is None or len(known.shape) != len(probed.shape):
         return probed
     shape = tuple(p if isinstance(p, int) else (k if k is not None else p) for p, k in zip(probed.shape, known.shape))

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .._version import __version__
-from ..autodiff.analysis import GraphAnalysis
+from ..autodiff.analysis import GraphAnalysis, merged
 from ..autodiff.gradients import add_gradients, check_opset, default_opset, flush, new_emitter, prune_unused
 from ..autodiff.registry import STANDARD
 from ..autodiff.shapes import TensorInfo, make_value_info
@@ -191,7 +191,9 @@ def _layers(proto, analysis, score, spec, label, image=None) -> List[str]:
         unknown = [l for l in layers if (analysis.infos.get(l) is None or analysis.infos[l].shape is None
                                          or not all(isinstance(d, int) for d in analysis.infos[l].shape[1:]))]
         if unknown:
-            analysis.probe(unknown)
+            before = {l: analysis.infos.get(l) for l in unknown}
+            for name, probed in analysis.probe(unknown).items():
+                analysis.infos[name] = merged(before[name], probed)  # keeps the batch symbol it shares
     return layers
 
 
@@ -213,11 +215,12 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
                 if name in built.gradients:
                     layout = _layout(emit, name, image, spec, analysis)
                     ctx.gradients[name] = to_nchw(emit, _as_float32(emit, built.gradients[name]), image, layout,
-                                                  spec.token_grid)
+                                                  spec.token_grid, analysis, like=name)
     if the_plan.needs_activations:
         for name in ctx.layers:
             layout = _layout(emit, name, image, spec, analysis)
-            ctx.activations[name] = to_nchw(emit, _as_float32(emit, name), image, layout, spec.token_grid)
+            ctx.activations[name] = to_nchw(emit, _as_float32(emit, name), image, layout, spec.token_grid, analysis,
+                                            like=name)
     ctx.image_nchw = _image_nchw(emit, image.name, image)  # pruned when no method reads it
 
 
@@ -272,7 +275,7 @@ def _options(method, spec: ExplainSpec) -> dict:
 
 # ---------------------------------------------------------------------- pieces
 def _layout(emit, name, image, spec, analysis) -> str:
-    return activation_layout(emit, name, image, spec.layout, analysis.producers)
+    return activation_layout(emit, name, image, spec.layout, analysis=analysis)
 
 
 def _as_float32(emit, name):
