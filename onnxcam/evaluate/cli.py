@@ -60,15 +60,18 @@ def _split(values) -> list:
               help="Images per ONNX Runtime run (bounds memory).")
 @click.option("--provider", metavar="P", help="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of ROAD's noise and the randomised weights.")
+@click.option("--report", is_flag=True, help="Also write index.html: the options, the metric tables and the plots.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run's index.html (default: refuse).")
 def evaluate_command(model, images, out_dir, methods, outside_maps, metrics, layer, output, class_index, score, steps,
                      deletion_baseline, insertion_baseline, road_noise, sanity_stages, boxes, masks,
-                     pointing_tolerance, wsol_fraction, preset, size, resize, batch_size, provider, seed):
+                     pointing_tolerance, wsol_fraction, preset, size, resize, batch_size, provider, seed, report,
+                     overwrite):
     """Judge explanations of MODEL on photos: deletion/insertion, ROAD, confidence, sanity checks, class
     sensitivity, and pointing/localisation against --boxes or --masks."""
     import numpy as np
 
     from ..io.files import ensure_output_dir
-    from .report import summary_table, write_all
+    from .report import summary_table
     from .run import evaluate
 
     if steps < 1:
@@ -95,7 +98,7 @@ def evaluate_command(model, images, out_dir, methods, outside_maps, metrics, lay
                   resize=resize, steps=steps, deletion_baseline=deletion_baseline,
                   insertion_baseline=insertion_baseline, road_noise=road_noise,
                   sanity_stages=sanity_stages or None, pointing_tolerance=pointing_tolerance,
-                  wsol_fraction=wsol_fraction, seed=seed)
+                  wsol_fraction=wsol_fraction, seed=seed, out_dir=out_dir, report=report, overwrite=overwrite)
     from ..io.images import list_images
 
     found = list_images(images)
@@ -112,14 +115,14 @@ def evaluate_command(model, images, out_dir, methods, outside_maps, metrics, lay
                 result = evaluate(model, found.images, progress=bar.update, **kwargs)
         else:
             result = evaluate(model, found.images, **kwargs)
-        written = write_all(result, out_dir)
     except BaseException:
         if created:
             _remove_if_empty(out_dir)  # a failed run leaves no empty folder behind
         raise
     click.echo(summary_table(result))
     click.echo(f"\nwrote {len(result.records)} record(s) to {Path(out_dir) / 'metrics.jsonl'} and "
-               f"{len(written) - 1} other file(s) in {out_dir}")
+               f"{len(result.written) - 1} other file(s) in {out_dir}"
+               + (f"; report: {Path(out_dir) / 'index.html'}" if report else ""))
 
 
 def _remove_if_empty(folder) -> None:

@@ -1,13 +1,16 @@
-"""Writing an Evaluation out: a terminal table, metrics.jsonl, metrics.csv, summary.json and PNG plots.
+"""Writing an Evaluation out: a terminal table, metrics.jsonl, metrics.csv, summary.json, PNG plots
+and, when asked, the HTML report (index.html, by onnxcam.io.report).
 
 Plots are drawn with OpenCV (already a dependency): per method, the mean deletion and insertion
 curves over the images (`curves_<method>.png`), and one bar chart of every method's mean metrics
-(`metrics.png`). Every file is written atomically.
+(`metrics.png`). Every file is written atomically. Evaluation keeps no overlays or maps, so the
+report holds the options, the metric tables and the plots, with no per-image grid.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
@@ -49,7 +52,9 @@ def summary_table(evaluation) -> str:
     return "\n".join(lines)
 
 
-def write_all(evaluation, out_dir) -> List[Path]:
+def write_all(evaluation, out_dir, report: bool = False) -> List[Path]:
+    """Every file of the run into out_dir; index.html last (and only with report=True) so that it
+    links only to files that exist. The caller has refused an earlier index.html already."""
     out = Path(out_dir)
     written = [write_jsonl(evaluation, out / "metrics.jsonl"), write_csv(evaluation, out / "metrics.csv"),
                atomic_write_bytes(out / "summary.json", (json.dumps(_json_ready(evaluation.summary()), indent=2)
@@ -61,7 +66,50 @@ def write_all(evaluation, out_dir) -> List[Path]:
     bars = bar_chart(evaluation)
     if bars is not None:
         written.append(_write_png(out / "metrics.png", bars))
+    if report:
+        written.append(write_html(evaluation, out, [p.name for p in written if p.suffix == ".png"]))
     return written
+
+
+def write_html(evaluation, out_dir, plots: List[str]) -> Path:
+    """index.html: the run's options, the mean metrics per method, every image's metrics, the plots."""
+    from ..io.report import Section, write_report
+
+    curves = [(name, name[len("curves_"):-len(".png")]) for name in plots if name.startswith("curves_")]
+    bars = [(name, "mean metrics per method") for name in plots if name == "metrics.png"]
+    files = " · ".join(f'<a href="{name}">{name}</a>' for name in ("metrics.csv", "metrics.jsonl", "summary.json"))
+    sections = [Section("Metrics (mean over images)", metrics_table(evaluation, per_image=False)
+                        + f"<p><small>all values: {files}</small></p>", bars)]
+    if curves:
+        sections.append(Section("Deletion and insertion curves (mean over images)", images=curves))
+    sections.append(Section("Metrics per image", metrics_table(evaluation, per_image=True)))
+    return write_report(out_dir, [], evaluation.options, extra_sections=sections, title="onnxcam evaluation")
+
+
+def metrics_table(evaluation, per_image: bool) -> str:
+    """An HTML table of the metrics in COLUMNS (every name and value escaped): the means per method,
+    or one row per image x method."""
+    e = lambda text: html.escape(str(text), quote=True)  # noqa: E731
+    if per_image:
+        rows = [([r.get("image", ""), r["method"], r.get("class_index", "")], r) for r in evaluation.records]
+        first = ["image", "method", "class"]
+    else:
+        rows = [([method, means["images"]], means) for method, means in evaluation.summary().items()]
+        first = ["method", "images"]
+    present = [c for c in COLUMNS if any(c[0] in values for _, values in rows)]
+    head = "".join(f"<th>{e(h)}</th>" for h in first + [c[1] for c in present])
+    body = []
+    for names, values in rows:
+        cells = [f"<td>{e(n)}</td>" for n in names]
+        for key, _, _ in present:
+            value = values.get(key)
+            if isinstance(value, bool):
+                value = float(value)
+            cells.append("<td></td>" if _missing(value) or not isinstance(value, (int, float)) else
+                         f"<td>{100 * value:.1f}</td>" if key in PERCENT else f"<td>{value:.3f}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ('<table class="options" style="border-collapse:collapse"><tr>' + head + "</tr>" + "".join(body)
+            + "</table>")
 
 
 def write_jsonl(evaluation, path) -> Path:
@@ -71,9 +119,7 @@ def write_jsonl(evaluation, path) -> Path:
 
 def write_csv(evaluation, path) -> Path:
     """One row per image x method, scalar metrics only (curves and stages are in metrics.jsonl)."""
-    from .run import scalar_keys
-
-    keys = ["image", "method", "layer", "class_index"] + scalar_keys(evaluation.records)
+    keys = ["image", "method", "layer", "class_index"] + evaluation.metric_keys()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from . import class_sensitivity as sensitivity_metric
 from . import confidence as confidence_metric
 from . import localisation, perturbation, road as road_metric, sanity as sanity_metric
@@ -66,6 +66,11 @@ class EvaluationSettings:
 class Evaluation:
     records: List[dict] = field(default_factory=list)  # one per image x method
     settings: Optional[EvaluationSettings] = None
+    options: Dict[str, object] = field(default_factory=dict)  # what the run used (the report's header)
+    written: List[str] = field(default_factory=list)  # files written to out_dir, if one was given
+
+    def metric_keys(self) -> List[str]:
+        return scalar_keys(self.records)
 
     def methods(self) -> List[str]:
         return list(dict.fromkeys(r["method"] for r in self.records))
@@ -109,7 +114,8 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
              providers=None, preset: Optional[str] = None, size=None, resize: str = "direct", bgr=None,
              target: str = "class", target_options: Optional[dict] = None,
              settings: Optional[EvaluationSettings] = None,
-             progress: Optional[Callable[[int], None]] = None, **setting_overrides) -> Evaluation:
+             progress: Optional[Callable[[int], None]] = None, out_dir=None, report: bool = False,
+             overwrite: bool = False, **setting_overrides) -> Evaluation:
     """Evaluate maps of `methods` (Explainer method names) and/or outside `maps` on `images`.
 
     images: paths of photos (or folders), or a float batch [N, ...] in the model's layout.
@@ -117,6 +123,8 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
     boxes: {"image name or stem": [[x0, y0, x1, y1], ...]} or the path of such a JSON file.
     masks: a folder of mask images (same stem as the photo), or a boolean array [N, H, W].
     Extra keyword arguments set EvaluationSettings fields (steps=, deletion_baseline=, ...).
+    out_dir: also write metrics.jsonl, metrics.csv, summary.json and the plots there (`written`);
+    report=True adds index.html (refused over an earlier one unless overwrite=True, as `explain`).
     """
     settings = settings or EvaluationSettings()
     for key, value in setting_overrides.items():
@@ -131,12 +139,15 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
     if isinstance(boxes, (str, os.PathLike)):
         boxes = localisation.load_boxes(boxes)
     metrics = _choose_metrics(metrics, has_truth=boxes is not None or masks is not None)
+    _check_output(out_dir, report, overwrite)  # before the long run
     scorer = ScoreModel(model, output=output, score=score, batch_size=batch_size, providers=providers,
                         score_fn=score_fn)
     source = MapSource(model, layer=layer, target=target, target_options=target_options, output=output,
                        providers=providers, batch_size=batch_size)
     loaders = _image_list(images, scorer, preset, size, resize, bgr)
-    evaluation = Evaluation(settings=settings)
+    evaluation = Evaluation(settings=settings, options=_options(
+        model, len(loaders), methods, maps, metrics, layer, class_index, output, score, batch_size, preset, size,
+        resize, settings))
     for start in range(0, len(loaders), batch_size):
         chunk = [load() for load in loaders[start:start + batch_size]]
         x = np.stack([item.tensor for item in chunk])
@@ -153,7 +164,43 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
             evaluation.records.extend(_evaluate_maps(batch, metrics, ""))
         if progress is not None:
             progress(len(chunk))
+    if out_dir is not None:
+        from .report import write_all
+
+        evaluation.written = [str(p) for p in write_all(evaluation, out_dir, report=report)]
     return evaluation
+
+
+def _check_output(out_dir, report: bool, overwrite: bool) -> None:
+    """Refuse a report without a folder, or over an earlier run's index.html (explain's rule)."""
+    if out_dir is None:
+        if report:
+            raise UsageError("evaluate(report=True) needs out_dir=: the folder for index.html and its plots")
+        return
+    from ..io.files import ensure_output_dir
+
+    page = ensure_output_dir(out_dir) / "index.html"
+    if report and not overwrite and page.is_file():
+        raise OutputError(f"{page}: exists (from an earlier run?); choose another --out-dir or pass --overwrite "
+                          "to replace the earlier report")
+
+
+def _options(model, images: int, methods, maps, metrics, layer, class_index, output, score, batch_size, preset,
+             size, resize, settings: EvaluationSettings) -> Dict[str, object]:
+    """What the run used, for the report's header (plain values only)."""
+    from dataclasses import asdict
+
+    from .._version import __version__
+
+    label = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    chosen = "top" if class_index is None else int(class_index) if np.ndim(class_index) == 0 else "per image"
+    options = {"model": label, "images": images, "methods": list(methods), "outside_maps": list(maps),
+               "metrics": list(metrics), "layer": layer if isinstance(layer, str) else list(layer), "class": chosen, "output": output or "auto",
+               "score": score, "batch_size": batch_size, "preset": preset or "model metadata, else imagenet",
+               "size": list(size) if size else "model's", "resize": resize}
+    options.update(asdict(settings))
+    options["onnxcam_version"] = __version__
+    return options
 
 
 def _choose_metrics(metrics, has_truth: bool) -> tuple:
