@@ -164,6 +164,7 @@ def compare(name, tmp, rerun_images, skip):
     rows = []
 
     def add(method, reference, diff, started, images):
+        diff = float(diff)
         rows.append({"model": name, "method": method, "reference": reference, "max_abs_diff": diff,
                      "images": images, "seconds": round(time.time() - started, 1)})
         print(f"   {name:18s} {method:38s} {diff:.2e}  vs {reference}  ({images} images, {time.time() - started:.1f}s)",
