@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn as nn
 
 import onnxcam
 from onnxcam.cam.augment import CLASS_INPUT
@@ -286,4 +287,29 @@ def test_ablationcam_with_the_segmentation_target(tmp_path):
     result = onnxcam.Explainer(path, method="ablationcam", layer=tensor_of(path, "encoder.3"), target="segmentation",
                                method_options={"ablationcam": {"chunk_size": 9}})(x)
     np.testing.assert_array_equal(result.class_index, classes)
+    close(result.cam, expected)
+
+
+class ViewFlattenResNet(TinyResNet):
+    """Flattens with x.view(x.size(0), -1): the export computes the Reshape's [N, -1] from
+    Shape(input), which a re-run of the tail must recompute on its own rows."""
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).view(x.size(0), -1))
+
+
+def test_ablationcam_when_the_tail_reshapes_by_the_input_batch(tmp_path):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(ViewFlattenResNet())
+    path = export(model, tmp_path / "view.onnx", SIZE)
+    assert any(n.op_type == "Shape" for n in onnx.load(path).graph.node)
+    x = images(3, seed=6)
+    pairs, classes, logits = activations_and_gradients(model, [model.layer3], x, None)
+    A = pairs[0][0]
+    weights = ref.ablation_weights(model, model.layer3, x, classes, logits, A.shape[1])
+    expected = ref.through_pipeline((weights[:, :, None, None] * A).sum(1), SIZE)
+    layer = [l.name for l in onnxcam.layers(path) if l.op == "Relu"][-1]
+    result = onnxcam.Explainer(path, method="ablationcam", layer=layer,
+                               method_options={"ablationcam": {"chunk_size": 10}})(x)
     close(result.cam, expected)

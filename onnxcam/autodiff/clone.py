@@ -44,7 +44,7 @@ def clone_forward(analysis: GraphAnalysis, emit, replacements: Mapping[str, str]
     for node in analysis.nodes:
         if any(i in affected for i in _reads(node)):
             affected.update(o for o in node.output if o)
-    feeding = _ancestors(analysis, outputs)
+    feeding = _ancestors(analysis, outputs, stop=set(replacements))
     missing = [o for o in outputs if o not in affected]
     if missing:
         raise UnsupportedModelError(f"tensor(s) {', '.join(map(repr, missing))} do not depend on "
@@ -88,10 +88,13 @@ def _reads(node) -> List[str]:
     return names
 
 
-def _ancestors(analysis: GraphAnalysis, outputs) -> set:
+def _ancestors(analysis: GraphAnalysis, outputs, stop=frozenset()) -> set:
+    """Tensors the outputs depend on, not looking past the `stop` tensors (replaced ones: what
+    made them does not matter to the copy)."""
     seen, stack = set(outputs), list(outputs)
     while stack:
-        node = analysis.producers.get(stack.pop())
+        name = stack.pop()
+        node = None if name in stop else analysis.producers.get(name)
         if node is None:
             continue
         for i in _reads(node):

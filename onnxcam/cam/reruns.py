@@ -162,10 +162,22 @@ class Reruns:
         constants = a.constant_names()
         read = [i for node in a.nodes if any(o in affected and o in wanted for o in node.output)
                 for i in node.input if i and i not in affected and i not in constants]
-        read = list(dict.fromkeys(read))
-        a.probe([i for i in read if self.emit.info(i).shape is None])  # shapes inference lost
+        # An integer tensor read there (a Reshape's [N, -1] from Shape(input)) is recomputed on
+        # the copy: its float sources become side inputs too, so it counts the copy's rows.
+        sources, stack, seen = [], list(dict.fromkeys(read)), set()
+        while stack:
+            name = stack.pop()
+            if name in seen or name in constants or name in affected:
+                continue
+            seen.add(name)
+            info = self.emit.info(name)
+            if info.dtype in _FLOATS or name in (i.name for i in a.model.graph.input):
+                sources.append(name)
+            elif a.producers.get(name) is not None:
+                stack.extend(i for i in a.producers[name].input if i)
+        a.probe([i for i in sources if self.emit.info(i).shape is None])  # shapes inference lost
         batch = self.image.shape[0]
-        return [i for i in read if self.emit.info(i).dtype in _FLOATS and self.emit.info(i).shape
+        return [i for i in dict.fromkeys(sources) if self.emit.info(i).dtype in _FLOATS and self.emit.info(i).shape
                 and self.emit.info(i).shape[0] == batch]
 
     def _chunk_scores(self, replaced, variants, images, chunk, make, sides, probabilities, tag) -> str:
