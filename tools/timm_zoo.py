@@ -64,7 +64,7 @@ ARCHS = {
     "mobilevit_xxs": ({}, 96, "final_conv", "NCHW", 0),
     "poolformer_s12": ({}, 96, "stages.-1", "NCHW", 0),
     "convformer_s18": ({}, 96, "stages.-1", "NCHW", 0),
-    "caformer_s18": ({}, 96, "stages.-1", "NCHW", 0),
+    "caformer_s18": ({}, 96, "stages.-1.blocks.-1.norm1", "tokens", 0),
     "vit_tiny_patch16_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 1),
     "deit_tiny_patch16_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 1),
     "deit_tiny_distilled_patch16_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 2),
