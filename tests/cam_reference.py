@@ -9,6 +9,10 @@ import numpy as np
 import torch
 
 
+GRADIENT_CAMS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")  # written out below
+REFERENCE_METHODS = GRADIENT_CAMS  # the layer methods pytorch-grad-cam has; the others have their own tests
+
+
 def weights_to_cam(weights, A):
     return (weights[:, :, None, None] * A).sum(axis=1)
 

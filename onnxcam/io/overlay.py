@@ -46,15 +46,29 @@ def colorize(heat: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     return cv2.applyColorMap(levels, colormap_id(colormap))[:, :, ::-1]
 
 
+# A diverging colormap for signed maps in [-1, 1] (Moreland's cool-warm ends): blue below zero,
+# white at zero, red above. OpenCV's colormaps are all sequential or cyclic.
+_NEGATIVE, _ZERO, _POSITIVE = np.array([59, 76, 192.0]), np.array([242, 242, 242.0]), np.array([180, 4, 38.0])
+
+
+def colorize_signed(heat: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] for a [H, W] signed map in [-1, 1] (clipped; NaN counts as 0)."""
+    heat = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+    t = np.abs(heat)[..., None]
+    end = np.where(heat[..., None] < 0, _NEGATIVE, _POSITIVE)
+    return np.round(_ZERO + t * (end - _ZERO)).astype(np.uint8)
+
+
 def blend(image: np.ndarray, heat: np.ndarray, alpha: float = DEFAULT_ALPHA,
-            colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
-    """Blend the coloured map over the uint8 RGB image: (1 - alpha) * image + alpha * colour."""
+          colormap: str = DEFAULT_COLORMAP, signed: bool = False) -> np.ndarray:
+    """Blend the coloured map over the uint8 RGB image: (1 - alpha) * image + alpha * colour.
+    Signed maps ([-1, 1]: gradients, Integrated Gradients...) use the diverging colormap."""
     if not 0.0 <= alpha <= 1.0:
         raise UsageError(f"--alpha must be between 0 and 1, got {alpha}")
     image = np.asarray(image)
     if image.shape[:2] != np.shape(heat):
         raise ValueError(f"map {np.shape(heat)} and image {image.shape[:2]} differ in size")
-    colour = colorize(heat, colormap).astype(np.float32)
+    colour = (colorize_signed(heat) if signed else colorize(heat, colormap)).astype(np.float32)
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colour
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 

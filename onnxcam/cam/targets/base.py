@@ -48,6 +48,10 @@ class Target:
     # The tensor `seed` is the cotangent of, when not the score tensor itself (a layer already
     # differentiated in closed form, like the classifier's last Linear).
     seed_tensor: Optional[str] = None
+    # For sampled methods (cam/sampling.py): fn(emit, view) -> (seed view, score [k, N]) applying this
+    # selection to other evaluations `view` [k, N, ...] of the seeded tensor. None: the score is
+    # linear in that tensor (sum of seed * tensor), so the seed is reused as it is.
+    at: Optional[Callable] = None
 
 
 @dataclass

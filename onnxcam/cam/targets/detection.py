@@ -98,4 +98,14 @@ def detection(t: TargetInput, layout="auto", box=-1, threshold=None):
         coords = emit.cast(coords, TensorProto.FLOAT)
     extra = {BOX_INDEX_OUTPUT: (box_index, TensorProto.INT64, (image.shape[0],)),
              BOX_COORDS_OUTPUT: (coords, TensorProto.FLOAT, (image.shape[0], 4))}
-    return Target(seed, score, class_index, extra)
+    at = None
+    if layout == "v5":  # obj * cls is not linear in the head's output: sampled methods recompute it
+        def at(b, view):
+            """Score and seed of the same boxes and classes on other evaluations view [k, N, A, 5+C]."""
+            v_obj = b.slice(view, [4], [5], [3])
+            v_cls = b.slice(view, [5], [INT64_MAX], [3])
+            v_score = b.reduce("ReduceSum", b.op("Mul", weights, b.op("Mul", v_obj, v_cls)), [2, 3], keepdims=False)
+            v_d_obj = b.reduce("ReduceSum", b.op("Mul", weights, v_cls), [3], keepdims=True)
+            v_seed = b.pad(b.op("Concat", v_d_obj, b.op("Mul", weights, v_obj), axis=3), [0, 0, 0, 4, 0, 0, 0, 0])
+            return v_seed, v_score
+    return Target(seed, score, class_index, extra, at=at)

@@ -43,4 +43,15 @@ def embedding(t: TargetInput, reference=None, eps=1e-8):
     seed = emit.op("Sub", emit.op("Mul", r, inverse), emit.op("Div", emit.op("Mul", cos, e), ee))
     if len(dims) != 2:
         seed = emit.op("Reshape", seed, emit.shape_of_tensor_or_dims(score_tensor))
-    return Target(seed, emit.squeeze(cos, [1]), filled(emit, [dims[0]], -1))
+
+    def at(b, view):
+        """The cosine and its seed for other evaluations view [k, N, ...] (sampled methods)."""
+        v = view if len(dims) == 2 else b.op("Reshape", view, b.op(
+            "Concat", b.op("Slice", b.shape(view), b.ints([0]), b.ints([2]), b.ints([0])), b.ints([-1]), axis=0))
+        vv = b.reduce("ReduceSum", b.op("Mul", v, v), [2], keepdims=True)  # [k, N, 1]
+        v_dot = b.reduce("ReduceSum", b.op("Mul", v, r), [2], keepdims=True)
+        v_inverse = b.op("Reciprocal", b.op("Sqrt", b.op("Max", b.op("Mul", vv, rr), b.scalar(eps * eps, v))))
+        v_cos = b.op("Mul", v_dot, v_inverse)
+        v_seed = b.op("Sub", b.op("Mul", r, v_inverse), b.op("Div", b.op("Mul", v_cos, v), vv))
+        return b.op("Reshape", v_seed, b.shape(view)), b.squeeze(v_cos, [2])
+    return Target(seed, emit.squeeze(cos, [1]), filled(emit, [dims[0]], -1), at=at)
