@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import onnxcam
-from onnxcam.cam.methods import family
+from onnxcam.cam.plan import plan
 from evaluate_models import SIZE, positive_images, region_masks, region_model
 from onnxcam.cli import main
 from onnxcam.errors import UsageError
@@ -39,8 +39,8 @@ def test_every_explainer_method_is_evaluated_by_name(model_path):
     assert len(methods) >= 6 and [r["method"] for r in result.records] == [m for m in methods for _ in range(2)]
     for record in result.records:
         assert np.isfinite(record["deletion_auc"]) and len(record["deletion_curve"]) == 9
-        # input-space methods read the input gradient, not a layer
-        assert (bool(record["layer"]) != (record["method"] in family("input_space"))) and record["class_index"] == 0
+        # a layer is named exactly when the method reads one (input-space methods read the input)
+        assert bool(record["layer"]) == plan([record["method"]]).needs_layers and record["class_index"] == 0
 
 
 def test_explainer_maps_and_outside_maps_agree(model_path):

@@ -99,7 +99,9 @@ def groupcam(ctx, groups=32, threshold=70.0, chunk_size=None, blur_kernel=51, bl
     class; map = relu(sum_g w_g mask_g), min-max. One map per layer, their mean for several."""
     e, reruns = ctx.emit, ctx.rerun()
     image = ctx.input()
-    blurred = gaussian_blur(e, image, ctx.image.channels, int(blur_kernel), float(blur_sigma))
+    h_axis, w_axis = ctx.image.spatial_axes
+    blurred = gaussian_blur(e, image, ctx.image.channels, int(blur_kernel), float(blur_sigma),
+                            (ctx.image.shape[h_axis], ctx.image.shape[w_axis]))
     maps = []
     for layer in ctx.layers:
         A, G = ctx.activation(layer), ctx.gradient(layer)
@@ -189,10 +191,16 @@ def _minmax(e, m):
     return e.op("Div", e.op("Sub", m, low), e.op("Add", spread, e.scalar(GROUPCAM_EPS, m)))
 
 
-def gaussian_blur(e, image, channels, kernel, sigma):
-    """kornia's gaussian_blur2d (odd kernel, reflected border) on float32 NCHW: separable, depthwise."""
+def gaussian_blur(e, image, channels, kernel, sigma, size=(None, None)):
+    """kornia's gaussian_blur2d (odd kernel, reflected border) on float32 NCHW: separable, depthwise.
+    A reflected border cannot be wider than the image less one pixel: on an input of known size
+    smaller than the kernel, the kernel is cut to the widest that fits (the same sigma,
+    renormalised), where kornia would fail too."""
     if not isinstance(channels, int) or kernel % 2 == 0:
         raise UsageError("groupcam's blur needs a known channel count and an odd kernel size")
+    known = [d for d in size if isinstance(d, int) and d > 0]
+    if known and kernel // 2 >= min(known):
+        kernel = 2 * (min(known) - 1) + 1
     x = np.arange(kernel, dtype=np.float64) - kernel // 2
     g = np.exp(-(x ** 2) / (2.0 * sigma ** 2))
     g = (g / g.sum()).astype(np.float32)
