@@ -158,7 +158,7 @@ class PVTBlock(nn.Module):
 
 class PVTLike(nn.Module):
     """Overlapping patch embeddings (stride 4, then 8), a block with spatial-reduction attention,
-    two blocks at the last stage, final norm, mean over tokens."""
+    two blocks at the last stage, final norm, the tokens seen as a map [N, C, h, w], pooling."""
 
     def __init__(self, classes=10):
         super().__init__()
@@ -182,7 +182,8 @@ class PVTLike(nn.Module):
         x = self.norm_e2(x.flatten(2).transpose(1, 2))
         for block in self.stage2:
             x = block(x, h, w)
-        return self.head(self.norm(x).mean(1))
+        x = self.norm(x).transpose(1, 2).reshape(n, c, h, w)  # timm's PVT-v2 ends its stage as a map
+        return self.head(x.mean((2, 3)))
 
 
 # ---------------------------------------------------------------------- timm-Swin-like (NHWC)

@@ -11,10 +11,11 @@ parameter that initialisation leaves at (or near) zero is perturbed — heads, t
 BatchNorm gammas of residual blocks, layer scales (1e-5, 1e-6) — or the comparison would be
 vacuous (a zero head gives zero gradients everywhere; a 1e-6 layer scale makes every block the
 identity). The model is exported by torch's legacy exporter (opset 17) and by the dynamo exporter
-(opset 18), dynamic batch. The target is pytorch-grad-cam's recommended layer (its README's
-blocks[-1].norm1 for ViT/Swin; the last stage/block before pooling elsewhere) with its
-reshape_transform; the ONNX tensor of that module is found by value (the earliest tensor equal to a
-forward hook's output). Checked on two photos (skimage's chelsea and astronaut, ImageNet mean/std):
+(opset 18), dynamic batch. The target is the recommended layer (pytorch-grad-cam's README
+recipe where it has one, blocks[-1].norm1 for ViT/Swin; the last block's norm1 for other
+transformers; the last stage/block before pooling elsewhere) with its reshape_transform; the
+ONNX tensor of that module is found by value (the earliest tensor equal to a forward hook's
+output). Checked on two photos (skimage's chelsea and astronaut, ImageNet mean/std):
   grad  the gradient of the top logit at the target, onnxcam (vjp mode) vs torch autograd
         (max |diff| / max |torch|),
   cam   onnxcam's Grad-CAM on that tensor vs pytorch-grad-cam's GradCAM on the module, for the
@@ -64,7 +65,7 @@ ARCHS = {
     "mobilevit_xxs": ({}, 96, "final_conv", "NCHW", 0),
     "poolformer_s12": ({}, 96, "stages.-1", "NCHW", 0),
     "convformer_s18": ({}, 96, "stages.-1", "NCHW", 0),
-    "caformer_s18": ({}, 96, "stages.-1", "NCHW", 0),
+    "caformer_s18": ({}, 96, "stages.-1.blocks.-1.norm1", "tokens", 0),
     "vit_tiny_patch16_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 1),
     "deit_tiny_patch16_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 1),
     "deit_tiny_distilled_patch16_224": ({"img_size": 96}, 96, "blocks.-1.norm1", "tokens", 2),
@@ -458,7 +459,9 @@ def write_markdown(path, rows):
              "",
              f"Made by `tools/timm_zoo.py` (torch {torch.__version__}, timm {timm.__version__}, onnx {onnx.__version__}, "
              f"onnxruntime {onnxruntime.__version__}): seeded weights with zero-initialised parameters perturbed, "
-             "two photos, pytorch-grad-cam's recommended layer and reshape_transform. "
+             "two photos, the recommended layer (pytorch-grad-cam's README recipe where it has one: ViT, DeiT, "
+             "Swin; else the last block's norm1 for transformers, the last stage or block for CNN-like ends) and "
+             "its reshape_transform. "
              f"grad: max |onnxcam - torch| / max |torch| of the gradient at the target (pass <= {GRAD_TOLERANCE:g}); "
              f"cam: max |diff| of the Grad-CAM maps in [0, 1] (pass <= {CAM_TOLERANCE:g}); auto: onnxcam's automatic "
              "layer is the recommended tensor (=) or another (!=), and the all-automatic explainer runs.",

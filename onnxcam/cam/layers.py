@@ -117,9 +117,10 @@ def candidate_layers(analysis: GraphAnalysis, score: str) -> List[LayerInfo]:
     mixers = token_mixers(analysis, feeders)
     blocks = _after(order, last_downsampling(analysis, feeders), tokens + channels_last_norms(analysis, feeders))
     chosen = (None, "")
-    # A transformer or mixer ends in token blocks; a hybrid whose last feature map comes after its
-    # attention (MobileViT's fold and convolutions, EdgeNeXt's channel attention) ends as a CNN.
-    if blocks and (auto is None or order[blocks[-1].name] >= order[auto]):
+    # A transformer or mixer ends in token blocks (perhaps seen as a map); a hybrid whose last
+    # feature map is computed after its attention (MobileViT's fold and convolutions, EdgeNeXt's
+    # channel attention) ends as a CNN.
+    if blocks and (auto is None or order[blocks[-1].name] >= order[_viewed(analysis, auto)]):
         chosen = auto_attention_layer(analysis, blocks, mixers, feeders)
     if chosen[0] is None and tokens and (auto is None or order[tokens[-1].name] > order[auto]):
         chosen = auto_token_layer(analysis, tokens, mixers, feeders)
@@ -133,6 +134,19 @@ def _shown(shape) -> Tuple[object, ...]:
     """A shape for people: a dim measured by a probe run varies with the input (None), its
     internal symbol ('probe_1_2') means nothing to a reader."""
     return tuple(None if isinstance(d, str) and d.startswith("probe_") else d for d in shape)
+
+
+_VIEW_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def _viewed(analysis, tensor: str) -> str:
+    """What a tensor is a mere re-view of (through Reshape/Transpose...): PVT's and CAFormer's
+    stage outputs are their last tokens seen as [N, C, h, w], not a feature map computed later."""
+    node = analysis.producers.get(tensor)
+    while node is not None and node.op_type in _VIEW_OPS and node.input and node.input[0] in analysis.producers:
+        tensor = node.input[0]
+        node = analysis.producers.get(tensor)
+    return tensor
 
 
 SPATIAL_REASON = "the last spatial feature map (h, w > 1) on the way to the score, outside attention"
