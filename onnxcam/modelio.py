@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .io.files import atomic_path
+from .io.files import atomic_path, check_output_file, default_permissions, temporary_directory
 from .errors import ModelLoadError, OnnxcamError, OutputError, UnsupportedModelError
 
 # 2 GB protobuf limit: larger models must keep their weights in external data.
@@ -42,7 +42,7 @@ def load_model(model, load_external_data: bool = True) -> onnx.ModelProto:
     if info.st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty; re-export the model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = read_model(path)
     except Exception as exc:  # protobuf raises DecodeError and others
         kind = _sniff(path)
         if kind:
@@ -61,6 +61,92 @@ def load_model(model, load_external_data: bool = True) -> onnx.ModelProto:
                                  f"({_first_line(exc)}); save the model and its data file together again") from None
     _check_tensor_sizes(proto, path)
     return proto
+
+
+def read_model(path) -> onnx.ModelProto:
+    """Parse an .onnx file (external data not loaded) holding at most one weight's bytes extra.
+
+    `onnx.load` reads the whole file, then parses it: the weights twice at the end. Here the
+    top-level fields are walked: everything but the graph, and the graph's fields but its
+    initializers, are gathered and parsed by protobuf as usual; each initializer is read and
+    parsed alone. The result equals what `onnx.load` gives (a test checks it); a file this walk
+    cannot follow is handed to `onnx.load`, whose error is the one reported."""
+    try:
+        return _read_streaming(path)
+    except _NotStreamable:
+        return onnx.load(str(path), load_external_data=False)
+
+
+class _NotStreamable(Exception):
+    pass
+
+
+def _read_streaming(path) -> onnx.ModelProto:
+    size = os.path.getsize(path)
+    proto = onnx.ModelProto()
+    model_fields, graph_fields = bytearray(), bytearray()
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            start = f.tell()
+            key = _read_varint(f)
+            if key != _GRAPH_TAG[0]:
+                model_fields += _raw_field(f, start, key & 7, size)
+                continue
+            length = _read_varint(f)
+            end = f.tell() + length
+            if end > size:
+                raise _NotStreamable
+            while f.tell() < end:
+                inner_start = f.tell()
+                inner_key = _read_varint(f)
+                if inner_key != _INITIALIZER_TAG[0]:
+                    graph_fields += _raw_field(f, inner_start, inner_key & 7, end)
+                    continue
+                length = _read_varint(f)
+                if f.tell() + length > end:
+                    raise _NotStreamable
+                proto.graph.initializer.add().ParseFromString(f.read(length))  # one weight at a time
+            if f.tell() != end:
+                raise _NotStreamable
+    # Merge, not parse: parsing would clear the initializers already in place. The gathered bytes
+    # hold no initializer and no graph field, so merging them is what a full parse does.
+    proto.MergeFromString(bytes(model_fields))
+    proto.graph.MergeFromString(bytes(graph_fields))
+    return proto
+
+
+def _raw_field(f, start: int, wire: int, limit: int) -> bytes:
+    """The bytes of one field (key and value) that began at `start`; `f` is past its key."""
+    if wire == 0:
+        _read_varint(f)
+    elif wire == 1:
+        f.seek(8, os.SEEK_CUR)
+    elif wire == 2:
+        length = _read_varint(f)
+        f.seek(length, os.SEEK_CUR)
+    elif wire == 5:
+        f.seek(4, os.SEEK_CUR)
+    else:  # groups (3, 4) and invalid wire types: not in ONNX files
+        raise _NotStreamable
+    end = f.tell()
+    if end > limit:
+        raise _NotStreamable
+    f.seek(start)
+    return f.read(end - start)
+
+
+def _read_varint(f) -> int:
+    value, shift = 0, 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise _NotStreamable
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise _NotStreamable
 
 
 _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
@@ -176,14 +262,115 @@ def save_model(proto: onnx.ModelProto, out_path, refuse=()) -> Path:
         raise OutputError(f"{out}: is a directory; give a file name for the model")
     if not os.access(out_dir, os.W_OK):
         raise OutputError(f"{out_dir}: output directory is not writable")
-    large = weight_bytes(proto) > _PROTOBUF_LIMIT - 2**26  # leave room for the graph itself
+    if weight_bytes(proto) > _PROTOBUF_LIMIT - 2**26:  # leave room for the graph itself
+        return _save_with_external_data(proto, out, refuse)
     with atomic_path(out, "could not write the model") as tmp:
-        if large:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=out.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(proto, tmp)
+        with open(tmp, "wb") as f:
+            write_model(proto, f)
     return out
+
+
+def _save_with_external_data(proto: onnx.ModelProto, out: Path, refuse=()) -> Path:
+    """Models over 2 GB: `out` plus its weights in `out.data`. Both are written in a private folder
+    beside `out` (removed on any failure or signal, so no partial data file is left), then renamed
+    into place, the data first. (onnx's saver moves the weights out of `proto`, as before.)"""
+    data = out.with_name(out.name + ".data")
+    for other in refuse:
+        if other is not None and _same_file(data, other):
+            raise OutputError(f"{data}: refusing to overwrite the input model's data; choose another output path")
+    check_output_file(data)
+    try:
+        with temporary_directory(f".{out.name}.", parent=out.parent if str(out.parent) else ".") as folder:
+            staged = Path(folder) / out.name
+            onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            for path in (staged, staged.with_name(data.name)):
+                default_permissions(path)
+            os.replace(staged.with_name(data.name), data)
+            os.replace(staged, out)
+    except OSError as exc:
+        raise OutputError(f"{out}: could not write the model ({exc.strerror or exc})") from None
+    return out
+
+
+def write_model(proto: onnx.ModelProto, f) -> None:
+    """Serialise `proto` to the binary file `f` holding at most one weight's bytes extra.
+
+    `onnx.save_model` builds the whole file in memory first, and protobuf's serialiser holds a
+    message twice while it does (its own buffer, then the Python bytes): with the model itself,
+    every weight three times. Protobuf lets a message's fields come in any order, so the model
+    is written as its fields without the graph, then the graph field: its length, its fields
+    without the initializers, and each initializer as its small fields followed by its raw bytes
+    (read once). The bytes parse to exactly `proto` (a test checks it)."""
+    graph = proto.graph
+    head = _copy_fields(proto, onnx.ModelProto(), skip="graph")
+    graph_bytes = _copy_fields(graph, onnx.GraphProto(), skip="initializer").SerializeToString()
+    pieces = [_tensor_pieces(tensor) for tensor in graph.initializer]
+    sizes = [len(fields) + (0 if raw is None else 1 + len(_varint(raw)) + raw) for fields, raw in pieces]
+    graph_length = len(graph_bytes) + sum(1 + len(_varint(n)) + n for n in sizes)
+    f.write(head.SerializeToString())
+    f.write(_GRAPH_TAG + _varint(graph_length) + graph_bytes)
+    for tensor, (fields, raw_length), size in zip(graph.initializer, pieces, sizes):
+        f.write(_INITIALIZER_TAG + _varint(size) + fields)
+        if raw_length is not None:
+            raw = tensor.raw_data
+            if len(raw) != raw_length:  # load_model checks sizes; never write a corrupt file anyway
+                raise OutputError(f"tensor {tensor.name!r} holds {len(raw)} bytes, expected {raw_length}")
+            f.write(_RAW_DATA_TAG + _varint(raw_length))
+            f.write(raw)
+            del raw
+
+
+def _tensor_pieces(tensor):
+    """(serialised fields other than raw_data, length of raw_data or None when it is not set)."""
+    if not tensor.HasField("raw_data"):
+        return tensor.SerializeToString(), None
+    fields = _copy_fields(tensor, onnx.TensorProto(), skip="raw_data").SerializeToString()
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:
+        itemsize = 0
+    if tensor.data_type in _PACKED_TYPES or itemsize == 0:
+        return fields, len(tensor.raw_data)
+    return fields, int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+# Protobuf keys (field number << 3 | wire type 2, length-delimited): ModelProto.graph = 7,
+# GraphProto.initializer = 5, TensorProto.raw_data = 9.
+_GRAPH_TAG = bytes([(7 << 3) | 2])
+_INITIALIZER_TAG = bytes([(5 << 3) | 2])
+_RAW_DATA_TAG = bytes([(9 << 3) | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _copy_fields(source, target, skip: str):
+    """`target` with every field of `source` set except `skip` (no copy of the skipped field)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # protobuf < 5.28
+            repeated = field.label == FieldDescriptor.LABEL_REPEATED
+        if repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return target
 
 
 def input_files(model_path) -> list:
@@ -193,7 +380,7 @@ def input_files(model_path) -> list:
     path = Path(os.fspath(model_path))
     files = [path]
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = read_model(path)
     except Exception:
         return files
     for tensor in _all_tensors(proto):
@@ -298,3 +485,10 @@ def check_graph_structure(proto: onnx.ModelProto, label="model") -> None:
         if out.name not in known:
             raise UnsupportedModelError(f"{label}: graph output {out.name!r} is not computed by any node; the graph "
                                         "is malformed, re-export the model")
+    from .autodiff.graph import nodes_in_cycles
+
+    stuck = nodes_in_cycles(graph)
+    if stuck:
+        names = ", ".join(f"{n.name or '(unnamed)'!r} ({n.op_type})" for n in stuck[:4])
+        raise UnsupportedModelError(f"{label}: the graph has a cycle: node(s) {names}{' ...' if len(stuck) > 4 else ''} "
+                                    "depend on their own outputs; the graph is malformed, re-export the model")

@@ -103,6 +103,9 @@ class Explainer:
         x = self._check_input(x)
         n = x.shape[0]
         classes = self._check_classes(class_index, n)
+        fixed = self._fixed_batch
+        if fixed and n != fixed:
+            return self._in_fixed_chunks(x, classes, inputs, fixed)
         if batch_size and n > batch_size:
             def part(v, i):
                 return v[i:i + batch_size] if np.ndim(v) and np.shape(v)[0] == n else v
@@ -129,11 +132,38 @@ class Explainer:
         for cam in [values[CAM_OUTPUT]] + list(cams.values()):
             if not np.all(np.isfinite(cam)):
                 raise self._non_finite(values, cam)
+        if not np.all(np.isfinite(values[SCORE_OUTPUT])):  # a finite map of a NaN score means nothing
+            raise self._non_finite(values, values[SCORE_OUTPUT].reshape(-1, 1))
         return ExplainResult(cam=values[CAM_OUTPUT], class_index=values[CLASS_OUTPUT], score=values[SCORE_OUTPUT],
                              outputs={k: values[k] for k in self.original_outputs},
                              layer_cams=values.get(LAYER_CAMS_OUTPUT),
                              extras={k: values[k] for k in self.extra_outputs}, cams=cams,
                              method_layer_cams={m: values[o] for m, o in self._method_layer_outputs.items()})
+
+    @property
+    def _fixed_batch(self) -> Optional[int]:
+        """The batch size the model was exported with, when it is fixed (1, 4...), else None."""
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) and b > 0 else None
+
+    def _in_fixed_chunks(self, x, classes, inputs, fixed: int) -> ExplainResult:
+        """A fixed-batch model explains any number of images: chunks of its batch size, the last
+        one padded with copies of its last image (their results are dropped)."""
+        n = x.shape[0]
+
+        def chunk(v, i):
+            if not (np.ndim(v) and np.shape(v)[0] == n):
+                return v  # one value for every image
+            part = np.asarray(v[i:i + fixed])
+            missing = fixed - part.shape[0]
+            return np.concatenate([part, np.repeat(part[-1:], missing, axis=0)]) if missing else part
+
+        parts = []
+        for i in range(0, n, fixed):
+            part = self(chunk(x, i), None if classes is None else chunk(classes, i),
+                        inputs={k: chunk(v, i) for k, v in (inputs or {}).items()})
+            parts.append(_first(part, min(fixed, n - i)))
+        return _concat(parts)
 
     def _automatic_choices(self, feeds, n: int) -> Dict[str, np.ndarray]:
         """The automatic value of every run-time choice input the caller left out (the model's
@@ -175,6 +205,9 @@ class Explainer:
         declared = {i.name: i for i in list(session.get_inputs()) + list(session.get_overridable_initializers())}
         feeds = {}
         for name, value in (inputs or {}).items():
+            if name == self.input_name:
+                raise InputError(f"inputs= names the image input {name!r}: the images are the batch itself "
+                                 "(CLI: the IMAGE arguments), not an extra input")
             if name not in declared:
                 raise InputError(f"the explained model has no input {name!r}; inputs are {', '.join(declared)}")
             ort_type = declared[name].type  # "tensor(float16)"...
@@ -190,11 +223,16 @@ class Explainer:
         if x.ndim != 4:
             raise InputError(f"input {self.input_name!r} must be a 4-D batch ({self.layout}); got shape {x.shape}")
         for axis, d in enumerate(self.input_shape):
-            if isinstance(d, int) and d > 0 and x.shape[axis] != d:
+            if axis > 0 and isinstance(d, int) and d > 0 and x.shape[axis] != d:  # a fixed batch is chunked
                 raise InputError(f"input {self.input_name!r} expects shape {self.input_shape} ({self.layout}); "
                                  f"got {x.shape}")
         if not np.issubdtype(x.dtype, np.floating):
             raise InputError(f"input {self.input_name!r} must be floating point; got {x.dtype}")
+        if x.dtype == np.float64 and self._np_dtype != np.float64:
+            import warnings
+            warnings.warn(f"onnxcam: input {self.input_name!r} is {x.dtype}; converted to {np.dtype(self._np_dtype)}, "
+                          "the model's input type (values beyond its precision are rounded; pass "
+                          f"{np.dtype(self._np_dtype)} to skip the copy)", PrecisionWarning, stacklevel=3)
         x = np.ascontiguousarray(x, dtype=self._np_dtype)
         if not np.all(np.isfinite(x)):
             raise InputError(f"input {self.input_name!r} contains NaN or Inf values")
@@ -203,7 +241,16 @@ class Explainer:
     def _check_classes(self, class_index, n) -> Optional[np.ndarray]:
         if class_index is None:
             return None
-        classes = np.asarray(class_index, dtype=np.int64).reshape(-1)
+        raw = np.asarray(class_index)
+        if raw.dtype == np.bool_ or not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+            raise InputError(f"class_index must be an int or a sequence of ints; got {raw.dtype} {class_index!r:.60}")
+        if np.issubdtype(raw.dtype, np.floating):  # 1.7 must not quietly become class 1, nor -1.5 the top class
+            flat = raw.reshape(-1)
+            bad = flat[~np.isfinite(flat) | (flat != np.round(flat)) | (np.abs(flat) > 2**62)]
+            if bad.size:
+                raise InputError(f"class index {bad[0]!r} is not an integer; give whole class numbers "
+                                 "(or -1 for the top class)")
+        classes = raw.astype(np.int64).reshape(-1)
         if classes.size == 1 and n != 1:
             classes = np.full(n, classes[0], np.int64)
         if classes.shape != (n,):
@@ -259,8 +306,10 @@ def _session(proto: onnx.ModelProto, options, providers, label: str = "model"):
     if weight_bytes(proto) < _IN_MEMORY_LIMIT:
         return _with_ir_fallback(
             lambda p: ort.InferenceSession(p.SerializeToString(), options, providers=providers), proto, label)
-    import tempfile
-    with tempfile.TemporaryDirectory(prefix="onnxcam-") as tmp:
+    from .io.files import temporary_directory
+    # Created inside its cleanup scope and removed on any exit; the CLI turns SIGTERM/SIGHUP into
+    # exceptions so that this runs then too.
+    with temporary_directory("onnxcam-") as tmp:
         path = os.path.join(tmp, "augmented.onnx")
         # Tensor by tensor to the data file: no 2 GB limit, no second copy of the weights in memory.
         onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -368,6 +417,24 @@ def _value_types(type_proto):
 
 
 _ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
+
+
+class PrecisionWarning(UserWarning):
+    """The input was converted to a narrower float type (float64 photos for a float32 model)."""
+
+
+def _first(result: ExplainResult, k: int) -> ExplainResult:
+    """The results of the first k images of a batch (drops a padded chunk's copies): every array
+    field, and every array in a dict field, cut along the batch axis."""
+    from dataclasses import fields
+
+    def cut(v):
+        return v[:k] if isinstance(v, np.ndarray) and v.ndim else v
+    values = {}
+    for f in fields(result):
+        v = getattr(result, f.name)
+        values[f.name] = {n: cut(a) for n, a in v.items()} if isinstance(v, dict) else cut(v)
+    return ExplainResult(**values)
 
 
 def _concat(parts: List[ExplainResult]) -> ExplainResult:

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 
-# The methods these formulas cover (the layer methods pytorch-grad-cam has); input-space and
-# sampled methods are checked against their own formulas in test_input_space.py.
-REFERENCE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")
+GRADIENT_CAMS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam")  # written out below
+REFERENCE_METHODS = GRADIENT_CAMS  # the layer methods pytorch-grad-cam has; the others have their own tests
 
 
 def weights_to_cam(weights, A):

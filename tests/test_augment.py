@@ -14,7 +14,7 @@ import torch
 import onnxcam
 from onnxcam.cam.augment import CAM_OUTPUT, CLASS_INPUT, CLASS_OUTPUT, SCORE_OUTPUT
 from harness import session
-from cam_reference import REFERENCE_METHODS, activations_and_gradients, reference_cam
+from cam_reference import GRADIENT_CAMS, activations_and_gradients, reference_cam
 from torch_nets import TinyMobileNetV3, TinyResNet, export, randomise_batchnorm
 
 SIZE = 64
@@ -40,7 +40,7 @@ def images(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
 
 
-@pytest.mark.parametrize("method", REFERENCE_METHODS)
+@pytest.mark.parametrize("method", GRADIENT_CAMS)  # the others: test_gradient_free.py and their own tests
 @pytest.mark.parametrize("net", ["resnet", "mobilenet"])
 def test_methods_match_pytorch_grad_cam_formulas(request, net, method):
     model, path, modules = request.getfixturevalue(net)

@@ -118,7 +118,7 @@ def test_explain_folder_writes_overlays_maps_and_summary(model_path, photos, tmp
     assert coffee["class_index"] == 967 and coffee["label"] == "espresso"
     for r in records:
         assert r["method"] == "gradcam" and r["layer"] and r["rank"] == 0
-        assert Path(r["overlay"]).name == f"{Path(r['image']).stem}_{r['class_index']}.png"
+        assert Path(r["overlay"]).name == f"{Path(r['image']).stem}_{r['class_index']}_gradcam.png"
         assert Path(r["overlay"]).is_file() and Path(r["npy"]).is_file()
         assert 0 < r["probability"] <= 1
     _check_cat_map(Path(chelsea["npy"]), Path(chelsea["overlay"]))
@@ -137,7 +137,7 @@ def test_top_k_writes_one_overlay_per_class(model_path, photos, tmp_path):
     probabilities = [r["probability"] for r in records]
     assert probabilities == sorted(probabilities, reverse=True)
     for k in classes:
-        assert (tmp_path / f"chelsea_{k}.png").is_file() and (tmp_path / f"chelsea_{k}.npy").is_file()
+        assert (tmp_path / f"chelsea_{k}_gradcam.png").is_file() and (tmp_path / f"chelsea_{k}_gradcam.npy").is_file()
 
 
 def test_explicit_class_and_crop_resize(model_path, photos, tmp_path):
@@ -146,10 +146,11 @@ def test_explicit_class_and_crop_resize(model_path, photos, tmp_path):
     assert result.exit_code == 0, result.output
     (record,) = _summary(tmp_path)
     assert record["class_index"] == 967 and record["label"] == "espresso"
-    heat = np.load(tmp_path / "chelsea_967.npy")
+    heat = np.load(tmp_path / "chelsea_967_gradcam.npy")
     assert heat.shape == CHELSEA_SHAPE
-    # the centre crop saw x in ~[94, 356] of the 451 columns: nothing outside it can be lit
-    assert np.all(heat[:, :90] == 0) and np.all(heat[:, 360:] == 0)
+    # the centre crop saw x in ~[94, 356] of the 451 columns: outside it the map is NaN (never seen)
+    assert np.all(np.isnan(heat[:, :90])) and np.all(np.isnan(heat[:, 360:]))
+    assert np.all(np.isfinite(heat[30:270, 100:350])) and np.nanmax(heat) > 0.9
 
 
 def test_augment_writes_a_model_and_never_overwrites_the_input(model_path, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import onnxcam
-from cam_reference import REFERENCE_METHODS, activations_and_gradients, reference_cam
+from cam_reference import GRADIENT_CAMS, activations_and_gradients, reference_cam
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is part of the dev extra")
 
@@ -34,7 +34,7 @@ def photos():
     return np.stack(batch)
 
 
-@pytest.mark.parametrize("method", REFERENCE_METHODS)
+@pytest.mark.parametrize("method", GRADIENT_CAMS)  # the others: test_gradient_free.py and their own tests
 def test_real_effnet_maps_match_reference(effnet, method):
     model, path = effnet
     x = photos()

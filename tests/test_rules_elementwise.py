@@ -448,28 +448,49 @@ def test_variadic_broadcast(op, shapes, opset):
     check(op, lambda: [node(op, list(inputs))], inputs, VARIADIC[op], list(inputs), opset)
 
 
-@pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("op", ["Max", "Min"])
-def test_max_min_ties_go_to_first_input(op, opset):
-    """Tie rule (documented in the rule): the whole gradient goes to the first input equal to the
-    result. torch.maximum splits ties evenly instead, so compare with a mask built here."""
+def _ties(op):
+    """a and b tie in half the entries; c (broadcast [1, 6]) joins a three-way tie in column 1."""
     a = np.round(rnd(2, 6, seed=40))
     b = a.copy()
-    b[:, ::2] += np.sign(rnd(2, 3, seed=41))  # half the entries differ, the rest tie
+    b[:, ::2] += np.sign(rnd(2, 3, seed=41))
     c = np.full((1, 6), -10.0 if op == "Max" else 10.0)
-    c[0, 1] = a[:, 1].max() if op == "Max" else a[:, 1].min()  # a three-way tie in column 1
+    c[0, 1] = a[:, 1].max() if op == "Max" else a[:, 1].min()
+    return a, b, c
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_max_min_two_input_ties_split_evenly_as_torch(op, opset):
+    """torch.maximum/minimum give each of two tied inputs half the gradient (float64 autograd)."""
+    a, b, _ = _ties(op)
+    model = build([node(op, ["a", "b"])], {"a": a, "b": b}, opset=opset)
+    seed = rnd(2, 6, seed=42)
+    (ga, gb), y = ort_vjp(model, {"a": a, "b": b}, ["a", "b"], "y", seed)
+    fn = torch.maximum if op == "Max" else torch.minimum
+    (ra, rb), ry = torch_vjp(fn, [a, b], seed)
+    assert (a == b).any() and (a != b).any()  # ties and non-ties both exercised
+    assert np.array_equal(y, ry)
+    assert rel_err(ga, ra) < 1e-12 and rel_err(gb, rb) < 1e-12
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_max_min_three_input_ties_split_evenly_as_torch_amax(op, opset):
+    """Three inputs, broadcast: 1/k to each of k tied inputs, as torch's amax/amin over the stacked
+    inputs (the n-ary reading of torch's tie rule; ReduceMax follows the same)."""
+    a, b, c = _ties(op)
     model = build([node(op, ["a", "b", "c"])], {"a": a, "b": b, "c": c}, opset=opset)
     seed = rnd(2, 6, seed=42)
     (ga, gb, gc), y = ort_vjp(model, {"a": a, "b": b, "c": c}, ["a", "b", "c"], "y", seed)
-    ref_y = np.maximum(np.maximum(a, b), c) if op == "Max" else np.minimum(np.minimum(a, b), c)
-    first_a = a == ref_y
-    first_b = (b == ref_y) & ~first_a
-    first_c = (c == ref_y) & ~first_a & ~first_b
-    assert np.array_equal(y, ref_y)
-    assert np.array_equal(ga, np.where(first_a, seed, 0))
-    assert np.array_equal(gb, np.where(first_b, seed, 0))
-    assert np.allclose(gc, np.where(first_c, seed, 0).sum(0, keepdims=True))
-    assert first_a.any() and (~first_a & first_b).any()  # the test does exercise both branches
+
+    def fn(*ts):
+        stacked = torch.stack(torch.broadcast_tensors(*ts))
+        return stacked.amax(0) if op == "Max" else stacked.amin(0)
+    (ra, rb, rc), ry = torch_vjp(fn, [a, b, c], seed)
+    assert np.array_equal(y, ry)
+    assert np.any(np.isclose(ra, seed / 3)) and np.any(rc != 0)  # the three-way tie is exercised
+    for got, ref in ((ga, ra), (gb, rb), (gc, rc)):
+        assert rel_err(got, ref) < 1e-12
 
 
 # --------------------------------------------------------------------------- Cast, Identity, Dropout

@@ -47,15 +47,24 @@ MAX_IR_VERSION = 8
 TORCH_EXPLAINERS = {
     "GradCAM": ("pytorch-grad-cam", "gradcam"),
     "GradCAM++": ("pytorch-grad-cam", "gradcam++"),
-    "ScoreCAM": ("pytorch-grad-cam", "gradcam"),
+    "ScoreCAM": ("pytorch-grad-cam", "scorecam"),
+    "AblationCAM": ("pytorch-grad-cam", "ablationcam"),
+    "EigenCAM": ("pytorch-grad-cam", "eigencam"),
     "LayerGradCam": ("captum", "gradcam"),
     "Saliency": ("captum", "saliency"),
     "IntegratedGradients": ("captum", "integrated-gradients"),  # 32 steps, internal_batch_size 32
     "forward": ("torch", None),  # plain eager inference: how much of the gap is the engine, not the method
 }
 IG_STEPS = 32  # integrated-gradients: onnxcam's default steps, and captum's n_steps
-# Explainers too slow for many runs: ScoreCAM does one forward pass per channel of the target.
-SLOW_EXPLAINERS = {"ScoreCAM"}
+# Explainers too slow for many runs: ScoreCAM and AblationCAM do one forward pass per channel of
+# the target (pytorch-grad-cam: of the whole network; onnxcam's Ablation-CAM re-runs only the
+# part after the layer). Both sides score 32 masked copies per forward (RERUN_BATCH): the same
+# number of masks per batch. Slow methods run at batch 1 only, outside the round-robin.
+SLOW_EXPLAINERS = {"ScoreCAM", "AblationCAM"}
+SLOW_METHODS = {"scorecam", "ablationcam", "groupcam"}
+RERUN_BATCH = 32
+# Extra onnxcam configurations "method:option=value": Score-CAM's peak memory for two chunk sizes.
+EXTRA_CONFIGS = ("scorecam:chunk_size=8", "scorecam:chunk_size=128")
 
 
 # ====================================================================== helpers
@@ -194,10 +203,13 @@ def _torch_explainer(name, model, layer):
                 return model(x).cpu().numpy()
         return forward
 
-    if name in ("GradCAM", "GradCAM++", "ScoreCAM"):
+    if name in ("GradCAM", "GradCAM++", "ScoreCAM", "AblationCAM", "EigenCAM"):
         import pytorch_grad_cam as pgc
-        cls = {"GradCAM": pgc.GradCAM, "GradCAM++": pgc.GradCAMPlusPlus, "ScoreCAM": pgc.ScoreCAM}[name]
-        cam = cls(model=model, target_layers=[layer])
+        cls = {"GradCAM": pgc.GradCAM, "GradCAM++": pgc.GradCAMPlusPlus, "ScoreCAM": pgc.ScoreCAM,
+               "AblationCAM": pgc.AblationCAM, "EigenCAM": pgc.EigenCAM}[name]
+        cam = cls(model=model, target_layers=[layer], **({"batch_size": RERUN_BATCH} if name == "AblationCAM" else {}))
+        if name == "ScoreCAM":
+            cam.batch_size = RERUN_BATCH  # (ScoreCAM reads this attribute; 16 without it)
         return lambda x: cam(input_tensor=x, targets=None)
 
     if name in ("Saliency", "IntegratedGradients"):  # attributions at the input, for the top class
@@ -320,10 +332,11 @@ def bench(args):
         configs = [("plain", "plain", path, plain, None)]
         for target in targets[name]:
             tensor = onnx_tensor_of(proto, spec.targets[target])
-            for method in (methods if target == "last" else ["gradcam"]):
+            extra = [c for c in EXTRA_CONFIGS if c.split(":")[0] in methods
+                     and name in args.chunk_models.split(",")] if target == "last" else []
+            for method in (methods + extra if target == "last" else ["gradcam"]):
                 start = time.perf_counter()
-                options = {"integrated-gradients": {"steps": IG_STEPS}} if method == "integrated-gradients" else None
-                augmented = onnxcam.augment(path, layer=tensor, method=method, method_options=options)
+                augmented = onnxcam.augment(path, layer=tensor, **_method_and_options(method))
                 seconds = time.perf_counter() - start
                 aug_path = os.path.join(work, f"{name}-{target}-{method}.onnx")
                 onnx.save(augmented, aug_path)
@@ -334,9 +347,11 @@ def bench(args):
             x = _images(batch)
             times = {i: [] for i in range(len(configs))}
             cpu = {i: [] for i in range(len(configs))}
-            log(f"[{name}] batch {batch}: timing {len(configs)} ORT sessions round-robin, {runs} runs")
+            fast = [i for i, c in enumerate(configs) if not _slow(c[1])]
+            log(f"[{name}] batch {batch}: timing {len(fast)} ORT sessions round-robin, {runs} runs")
             for r in range(warmup + runs):
-                for i, (_, _, _, session, _) in enumerate(configs):
+                for i in fast:
+                    session = configs[i][3]
                     feeds = _feeds(session, x)
                     c0, t0 = time.process_time(), time.perf_counter()
                     session.run(None, feeds)
@@ -344,17 +359,37 @@ def bench(args):
                     if r >= warmup:
                         times[i].append(t1 - t0)
                         cpu[i].append(c1 - c0)
+            for i in [i for i in range(len(configs)) if i not in fast and ":" not in configs[i][1]] if batch == 1 else []:
+                log(f"[{name}] batch 1: {configs[i][1]}, {args.slow_runs} run(s) after one warm-up")
+                session, feeds = configs[i][3], _feeds(configs[i][3], x)
+                for r in range(1 + args.slow_runs):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    session.run(None, feeds)
+                    t1, c1 = time.perf_counter(), time.process_time()
+                    if r >= 1:
+                        times[i].append(t1 - t0)
+                        cpu[i].append(c1 - c0)
             base = statistics.median(times[0])
             base_cpu = statistics.median(cpu[0])
             for i, (target, method, aug_path, _, seconds) in enumerate(configs):
+                extra = ":" in method  # peak memory (and one timed run) in the fresh child only
+                if not times[i] and not (extra and batch == 1):
+                    continue
                 row = {"model": name, "target": "-" if method == "plain" else target, "batch": batch,
                        "engine": "onnxruntime" if method == "plain" else "onnxcam", "method": method,
-                       **_summary(times[i]), "x_plain": statistics.median(times[i]) / base,
-                       "cpu_x_plain": statistics.median(cpu[i]) / base_cpu, "augment_s": seconds}
+                       "augment_s": seconds}
+                if times[i]:
+                    row.update(**_summary(times[i]), x_plain=statistics.median(times[i]) / base,
+                               cpu_x_plain=statistics.median(cpu[i]) / base_cpu)
                 if not args.no_rss:
+                    slow = _slow(method)
                     child = run_child({"kind": "ort", "model": aug_path, "batch": batch, "threads": args.threads,
-                                       "providers": providers, "warmup": 1, "runs": 2}, args.child_timeout)
+                                       "providers": providers, "warmup": 0 if slow else 1, "runs": 1 if slow else 2},
+                                      args.child_timeout * (10 if slow else 1))
                     row["rss_mb"] = child.get("rss_mb")
+                    if extra and child.get("median_ms"):
+                        row.update(median_ms=child["median_ms"], min_ms=child["min_ms"], runs=child["runs"],
+                                   x_plain=child["median_ms"] / (1e3 * base))
                     if "error" in child:
                         row["error"] = child["error"]
                 rows.append(row)
@@ -397,6 +432,19 @@ def bench(args):
         import shutil
         shutil.rmtree(work, ignore_errors=True)
     return info, checks, rows
+
+
+def _slow(method):
+    return method.split(":")[0] in SLOW_METHODS
+
+
+def _method_and_options(config):
+    """"scorecam:chunk_size=8" -> augment keywords (method, and its options)."""
+    method, _, options = config.partition(":")
+    parsed = {k: int(v) for k, v in (o.split("=") for o in options.split(",") if o)}
+    if method == "integrated-gradients" and "steps" not in parsed:
+        parsed["steps"] = IG_STEPS  # captum's n_steps on the other side
+    return {"method": method, **({"method_options": {method: parsed}} if parsed else {})}
 
 
 def _ratios(rows):
@@ -467,6 +515,10 @@ def main(argv=None):
     parser.add_argument("--torch-runs", type=int, default=None, help="timed runs of PyTorch explainers (default: --runs)")
     parser.add_argument("--scorecam", default=",".join(ALL_MODELS),
                         help="models to run ScoreCAM on, batch 1, one run (it does one forward pass per channel)")
+    parser.add_argument("--chunk-models", default="efficientnet_lite0",
+                        help="models on which Score-CAM's peak RSS is measured for two chunk sizes")
+    parser.add_argument("--slow-runs", type=int, default=1,
+                        help="timed runs of the methods that re-run the model per channel (batch 1 only)")
     parser.add_argument("--child-timeout", type=float, default=300.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

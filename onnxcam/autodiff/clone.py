@@ -54,6 +54,8 @@ def clone_forward(analysis: GraphAnalysis, emit, replacements: Mapping[str, str]
     for node in analysis.nodes:
         if not any(o in affected and o in feeding for o in node.output):
             continue
+        if all(o in replacements for o in node.output if o):
+            continue  # the producer of a replaced tensor: the replacement stands for its output
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise UnsupportedModelError(f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph; "
                                         "onnxcam cannot re-run control flow on sampled or masked copies")

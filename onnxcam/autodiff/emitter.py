@@ -9,6 +9,7 @@ ints and emits tiny integer nodes only for what is dynamic.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -22,6 +23,13 @@ Dim = Union[int, str]
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 INT64_MAX = np.iinfo(np.int64).max
 
+
+# Elementwise ops with numpy broadcasting: an operand that is Expand(v) may be replaced by v (see
+# Emitter.fold_expands) without changing what they compute.
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "LessOrEqual",
+                "GreaterOrEqual", "And", "Or", "Xor", "Not", "Neg", "Abs", "Relu", "Sqrt", "Exp", "Log", "Reciprocal",
+                "Sigmoid", "Tanh", "Cast", "Sign", "Erf", "Identity"}
+_COMPACT_REDUCTIONS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"}
 
 _BOOL_OPS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Not", "Xor", "IsNaN", "IsInf"}
 _INT64_OPS = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
@@ -55,6 +63,27 @@ class Emitter:
         self._const_cache = {}
         self._shape_cache = {}
         self._counter = 0
+        # Expand outputs -> (input, shape tensor), and static shapes of emitted elementwise results
+        # and dims, for fold_expands. Kept apart from `infos`, which rules read.
+        self._expands = {}
+        self._shapes = {}
+        # When on, an elementwise op or a reduction reading a broadcast (Expand) works on the
+        # compact tensor instead: a gradient that is constant over space (the backward of global
+        # pooling) is never materialised for the CAM formulas. The augmenter turns it on for the
+        # methods only; the walker's rules always see plain nodes.
+        self.fold_expands = False
+
+    @contextlib.contextmanager
+    def nested(self):
+        """Emit into a fresh node list (a subgraph's body) for the duration of the block; yields
+        that list. Cached Shape nodes are scoped with it: a name defined inside a body must not be
+        reused outside. Constants still go to the main graph's initializers (bodies read them)."""
+        saved = self.nodes, self._shape_cache
+        self.nodes, self._shape_cache = [], {}
+        try:
+            yield self.nodes
+        finally:
+            self.nodes, self._shape_cache = saved
 
     # ------------------------------------------------------------------ names and raw nodes
     def fresh(self, hint: str) -> str:
@@ -67,6 +96,14 @@ class Emitter:
 
     def op(self, op_type: str, *inputs: Optional[str], outputs: int = 1, hint: str = None, **attrs):
         """Emit one default-domain node; returns its output name (or list of names)."""
+        if self.fold_expands and outputs == 1 and op_type in _ELEMENTWISE and any(i in self._expands for i in inputs if i):
+            folded = self._through_expands(op_type, inputs, hint, attrs)
+            if folded is not None:
+                return folded
+        return self._emit(op_type, inputs, outputs, hint, attrs)
+
+    def _emit(self, op_type, inputs, outputs=1, hint=None, attrs=None):
+        attrs = attrs or {}
         hint = hint or op_type
         outs = [self.fresh(hint) for _ in range(outputs)]
         ins = ["" if i is None else i for i in inputs]
@@ -77,7 +114,40 @@ class Emitter:
         dtype = _output_dtype(op_type, ins, attrs, self)
         for out in outs:
             self.infos[out] = TensorInfo(dtype, None)
+        if op_type == "Expand":
+            self._expands[outs[0]] = (ins[0], ins[1])
+        elif op_type in _ELEMENTWISE and outputs == 1:
+            shape = _broadcast([self.static_shape(i) for i in ins if i])
+            if shape is not None:
+                self._shapes[outs[0]] = shape
         return outs[0] if outputs == 1 else outs
+
+    def static_shape(self, name: str):
+        """The shape of `name` as far as known: infos, else what this emitter derived."""
+        shape = self.info(name).shape
+        return shape if shape is not None else self._shapes.get(name)
+
+    def _through_expands(self, op_type, inputs, hint, attrs):
+        """op(..., Expand(v, s), ...) computed on v: directly when another operand already has the
+        full shape (broadcasting gives the same result), else as Expand(op(..., v, ...), s), so
+        chains of elementwise ops stay compact until a reduction or a full-size operand."""
+        expanded = [i for i in inputs if i in self._expands]
+        full = self.static_shape(expanded[0])
+        if full is None or any(self.static_shape(e) != full for e in expanded):
+            return None
+        compact = {e: self._expands[e][0] for e in expanded}
+        if any(not _fits(self.static_shape(v), full) for v in compact.values()):
+            return None
+        others = [i for i in inputs if i and i not in self._expands]
+        replaced = [compact.get(i, i) if i else i for i in inputs]
+        if any(self.static_shape(o) == full for o in others):
+            return self._emit(op_type, replaced, 1, hint, attrs)
+        if all(_fits(self.static_shape(o), full) for o in others):
+            inner = self._emit(op_type, replaced, 1, hint, attrs)
+            out = self._emit("Expand", [inner, self._expands[expanded[0]][1]])
+            self._shapes[out] = full
+            return out
+        return None
 
     def info(self, name: str) -> TensorInfo:
         return self.infos.get(name) or TensorInfo(None, None)
@@ -132,7 +202,9 @@ class Emitter:
             if isinstance(d, int) and d >= 0:
                 out.append(int(d))
             else:
-                out.append(self.op("Gather", self.shape(x), self.ints([axis]), axis=0))
+                dim = self.op("Gather", self.shape(x), self.ints([axis]), axis=0)
+                self._shapes[dim] = (1,)
+                out.append(dim)
         return out
 
     def shape_of(self, dims: Sequence[Dim]) -> str:
@@ -148,6 +220,16 @@ class Emitter:
         if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
             return self.ints(shape)
         return self.shape(x)
+
+    def shape_for_reshape(self, x: str) -> str:
+        """A Reshape target giving `x`'s shape to a tensor with as many elements: a constant when
+        at most one size is unknown (it becomes -1, inferred from the element count)."""
+        shape = self.info(x).shape
+        if shape is not None:
+            unknown = [i for i, d in enumerate(shape) if not (isinstance(d, int) and d >= 0)]
+            if len(unknown) == 1 and all(d > 0 for d in shape if isinstance(d, int)):
+                return self.ints([-1 if i in unknown else d for i, d in enumerate(shape)])
+        return self.shape_of_tensor_or_dims(x)
 
     def _dim_binary(self, op_type, fold, a: Dim, b: Dim) -> Dim:
         if isinstance(a, int) and isinstance(b, int):
@@ -216,10 +298,40 @@ class Emitter:
         axes = [int(a) for a in axes]
         if not axes:
             return x if keepdims else x
+        if self.fold_expands and op_type in _COMPACT_REDUCTIONS and x in self._expands:
+            compact = self._reduce_expanded(op_type, x, axes, keepdims)
+            if compact is not None:
+                return compact
         axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
         if axes_as_input:
-            return self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
-        return self.op(op_type, x, axes=axes, keepdims=int(keepdims))
+            out = self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
+        else:
+            out = self.op(op_type, x, axes=axes, keepdims=int(keepdims))
+        shape = self.static_shape(x)
+        if shape is not None:
+            kept = [a + len(shape) if a < 0 else a for a in axes]
+            self._shapes[out] = tuple(1 if i in kept else d for i, d in enumerate(shape) if keepdims or i not in kept)
+        return out
+
+    def _reduce_expanded(self, op_type, x, axes, keepdims):
+        """A reduction of Expand(v) over axes where v has size 1: v itself (mean, max, min) or v
+        times the reduced size (sum, when that size is a known number)."""
+        v = self._expands[x][0]
+        full, compact = self.static_shape(x), self.static_shape(v)
+        if full is None or compact is None or len(compact) != len(full):
+            return None
+        axes = [a + len(full) if a < 0 else a for a in axes]
+        if any(compact[a] != 1 for a in axes) or any(compact[a] != full[a] for a in range(len(full)) if a not in axes):
+            return None
+        if op_type == "ReduceSum":
+            count = 1
+            for a in axes:
+                if not isinstance(full[a], int):
+                    return None
+                count *= full[a]
+            v = self._emit("Mul", [v, self.scalar(float(count), v)])
+            self._shapes[v] = compact
+        return v if keepdims else self.squeeze(v, axes)
 
     def reduce_sum_dynamic_axes(self, x: str, axes_tensor: str) -> str:
         """ReduceSum over run-time axes (keepdims); an empty axes list sums nothing."""
@@ -323,3 +435,24 @@ class Emitter:
         if scales is None and sizes is not None:
             scales = empty
         return self.op("Resize", x, roi, scales, sizes, **attrs)
+
+
+def _broadcast(shapes):
+    """The numpy broadcast of static shapes (ints and symbols), or None when it cannot be told."""
+    if not shapes or any(s is None for s in shapes):
+        return None
+    rank = max(len(s) for s in shapes)
+    out = []
+    for k in range(1, rank + 1):
+        dims = {s[-k] for s in shapes if len(s) >= k} - {1}
+        if len(dims) > 1 or None in dims:
+            return None
+        out.append(dims.pop() if dims else 1)
+    return tuple(reversed(out))
+
+
+def _fits(shape, full) -> bool:
+    """Does `shape` broadcast into `full` without changing it?"""
+    if shape is None or full is None or len(shape) > len(full):
+        return False
+    return all(d == 1 or d == f for d, f in zip(reversed(shape), reversed(full)))

@@ -8,6 +8,7 @@ graph is shared, not copied. The walker knows no op by name: rules come from the
 
 from __future__ import annotations
 
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -16,10 +17,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import NotDifferentiableError, UnsupportedModelError, LayerNotFoundError
-from .analysis import GraphAnalysis, known_tensors
+from .analysis import GraphAnalysis, constant_values, known_tensors
 from .emitter import Emitter
+from .graph import captures, node_reads, topological
 from .registry import STANDARD, ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
-from .shapes import TensorInfo, infer_infos, make_value_info
+from .shapes import TensorInfo, infer_body_infos, infer_infos, make_value_info
 
 SEED_INPUT = "onnxcam_seed"
 MIN_OPSET, MAX_OPSET = 11, 21
@@ -98,40 +100,15 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
             raise UnsupportedModelError(f"cannot learn the shapes of {len(unknown_rank)} tensor(s) on the path by "
                                         f"running the model in ONNX Runtime ({first}); check that the model runs "
                                         "in onnxruntime on its own") from None
-    ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants)
+    ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants, body_gradients=_body_gradients,
+                      opset_imports=list(model.opset_import), mode=mode)
 
     if seed is None:
         seed = _add_seed_input(graph, score_tensor, infos)
     widened: Dict[str, str] = {}  # float16/bfloat16 forward tensors -> float32 copies
     grad_seed = _widen(emit, seed, widened, constants) if emit.dtype(seed) in _NARROW else seed
     contributions: Dict[str, List[str]] = {score_tensor: [grad_seed]}
-    totals: Dict[str, str] = {}  # gradients of targets that are themselves produced on the path
-    for node_proto in reversed(path):
-        view = NodeView(node_proto)
-        grads_out = [_total(emit, contributions.pop(o, None), o) for o in view.outputs]
-        for o, g in zip(view.outputs, grads_out):  # before the remap below renames the outputs
-            if o in targets and g is not None:
-                totals[o] = g
-        narrow = [t for t in view.inputs + view.outputs if t and emit.info(t).dtype in _NARROW]
-        if narrow:  # half-precision models: the backward pass runs in float32 on widened copies
-            view.remap({t: _widen(emit, t, widened, constants) for t in narrow})
-        if all(g is None for g in grads_out):
-            continue
-        rule = get_rule(view.op, mode)
-        try:
-            result = rule.fn(ctx, view, grads_out)
-        except (NotImplementedError, KeyError) as exc:
-            detail = exc.args[0] if exc.args else type(exc).__name__
-            raise UnsupportedModelError(
-                f"node {view.name or '(unnamed)'!r} ({view.op}, opset {opset}): cannot build its gradient: "
-                f"{detail}. {_CUSTOM_HINT}") from None
-        for i, g in _as_items(result, len(view.inputs)):
-            name = view.original_input(i)
-            if g is None or name is None or name not in active:
-                continue
-            if emit.info(g).shape is None:  # gradients are shaped like their tensors
-                emit.infos[g] = _grad_info(infos.get(name))
-            contributions.setdefault(name, []).append(g)
+    totals = _backpropagate(ctx, path, contributions, set(targets), widened)
 
     gradients = {}
     for target in targets:
@@ -144,6 +121,83 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
         emit.infos[total] = _grad_info(infos.get(target))
     flush(emit, graph)
     return GradientGraph(model, gradients, seed, emit)
+
+
+def _backpropagate(ctx: RuleContext, path, contributions: Dict[str, List[str]], targets: set,
+                   widened: Dict[str, str]) -> Dict[str, str]:
+    """Walk `path` backwards, turning each node's output gradients into its inputs' (and its
+    bodies' captured tensors') contributions. Returns the gradients of targets that are produced
+    on the path themselves (their contributions are consumed on the way)."""
+    emit, active, constants = ctx.emit, ctx.active, ctx.constants
+    totals: Dict[str, str] = {}
+    for node_proto in reversed(path):
+        view = NodeView(node_proto)
+        grads_out = [_total(emit, contributions.pop(o, None), o) for o in view.outputs]
+        for o, g in zip(view.outputs, grads_out):  # before the remap below renames the outputs
+            if o in targets and g is not None:
+                totals[o] = g
+        narrow = [t for t in view.inputs + view.outputs if t and emit.info(t).dtype in _NARROW]
+        if narrow:  # half-precision models: the backward pass runs in float32 on widened copies
+            view.remap({t: _widen(emit, t, widened, constants) for t in narrow})
+        if all(g is None for g in grads_out):
+            continue
+        rule = get_rule(view.op, ctx.mode)
+        try:
+            result = rule.fn(ctx, view, grads_out)
+        except (NotImplementedError, KeyError) as exc:
+            detail = exc.args[0] if exc.args else type(exc).__name__
+            raise UnsupportedModelError(
+                f"node {view.name or '(unnamed)'!r} ({view.op}, opset {ctx.opset}): cannot build its gradient: "
+                f"{detail}. {_CUSTOM_HINT}") from None
+        for i, g in _as_items(result, len(view.inputs)):
+            name = i if isinstance(i, str) else view.original_input(i)  # a name: a body's capture
+            if g is None or name is None or name not in active:
+                continue
+            if emit.info(g).shape is None:  # gradients are shaped like their tensors
+                emit.infos[g] = _grad_info(emit.infos.get(name))
+            contributions.setdefault(name, []).append(g)
+    return totals
+
+
+def _body_gradients(ctx: RuleContext, body, seeds: Dict[str, str], wrt: Sequence[str],
+                    inputs: Optional[Dict[str, TensorInfo]] = None) -> Dict[str, Optional[str]]:
+    """Inside a control-flow body's scope (the caller opens it with `emit.nested()`, after defining
+    what the body's inputs need): the VJP nodes of `body`'s nodes for d(sum_j seed_j * output_j)/d(w),
+    w in `wrt` (outer names the body reads, or the body's own inputs). `seeds` maps body output
+    names to gradient tensors readable there. Returns each w's gradient, None where none reaches.
+    The body's forward nodes are not emitted: the caller recomputes them in the same scope. Used by
+    the If and Loop rules; nested bodies recurse through it. `inputs` types the body's inputs
+    where its own declarations say too little (shapes inside it are then inferred again)."""
+    nodes = topological(body)
+    if inputs:
+        inferred = infer_body_infos(body, ctx.opset_imports, ctx.emit.infos, inputs)
+        for name, info in list(inputs.items()) + list(inferred.items()):
+            known = ctx.emit.infos.get(name)
+            if known is None or known.shape is None:
+                ctx.emit.infos[name] = info
+    constants = ChainMap(constant_values(body, nodes), ctx.constants)
+    active = _forward_active(nodes, wrt, ctx.emit.infos)
+    producers = {out: node for node in nodes for out in node.output if out}
+    feeding = set()
+    for output in seeds:
+        feeding |= _feeds(output, producers)
+    path = [n for n in nodes if any(o in active and o in feeding for o in n.output) and _touches(n, active)]
+    _refuse_missing_rules(path, ctx.opset)
+    inner = RuleContext(emit=ctx.emit, opset=ctx.opset, active=active, constants=constants,
+                        body_gradients=ctx.body_gradients, opset_imports=ctx.opset_imports, mode=ctx.mode)
+    contributions = {output: [g] for output, g in seeds.items()}
+    totals = _backpropagate(inner, path, contributions, set(wrt), {})
+    return {name: totals.get(name) or _total(ctx.emit, contributions.get(name), name) for name in wrt}
+
+
+def needed_nodes(nodes, outputs: set) -> List[onnx.NodeProto]:
+    """The nodes that `outputs` need, in their order (reads of nested bodies count)."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node_reads(node))
+    return kept[::-1]
 
 
 def new_emitter(model: onnx.ModelProto, infos: Optional[Dict[str, TensorInfo]] = None) -> Emitter:
@@ -174,9 +228,7 @@ def prune_unused(graph, first_new: int, first_new_initializer: int) -> int:
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs read outer names too
-                if attr.g.node:
-                    needed.update(i for n in attr.g.node for i in n.input)
+            needed.update(captures(node))  # subgraphs read outer names too
     kept.reverse()
     del graph.node[first_new:]
     graph.node.extend(kept)
@@ -201,13 +253,23 @@ def _differentiable_inputs(node: onnx.NodeProto) -> Sequence[int]:
     return range(len(node.input))
 
 
+def differentiable_reads(node: onnx.NodeProto) -> List[str]:
+    """The tensors a gradient can flow to from `node`'s outputs: its differentiable inputs and the
+    outer names its bodies read (for cam/layers.py's search of candidate layers as well)."""
+    names = [node.input[i] for i in _differentiable_inputs(node) if node.input[i]]
+    if node.attribute:
+        names += sorted(captures(node) - set(names))
+    return names
+
+
 def _forward_active(nodes, targets, infos) -> set:
-    """Floating-point tensors that depend on a target through differentiable inputs."""
+    """Floating-point tensors that depend on a target through differentiable inputs (or through
+    outer names that a control-flow body reads)."""
     active = set(targets)
     for node in nodes:
         if node.op_type in ZERO_GRADIENT_OPS:
             continue
-        if not any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i]):
+        if not _touches(node, active):
             continue
         for out in node.output:
             info = infos.get(out)
@@ -217,7 +279,9 @@ def _forward_active(nodes, targets, infos) -> set:
 
 
 def _touches(node, active) -> bool:
-    return any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i])
+    if any(node.input[i] in active for i in _differentiable_inputs(node) if node.input[i]):
+        return True
+    return bool(node.attribute) and any(name in active for name in captures(node))
 
 
 def _feeds(score_tensor, producers) -> set:
@@ -227,8 +291,8 @@ def _feeds(score_tensor, producers) -> set:
         node = producers.get(stack.pop())
         if node is None:
             continue
-        for i in node.input:
-            if i and i not in seen:
+        for i in node_reads(node):
+            if i not in seen:
                 seen.add(i)
                 stack.append(i)
     return seen
@@ -240,6 +304,12 @@ _QUANTIZED.update({op: ": integer output, no gradient" for op in ("ArgMax", "Arg
                                                                    "Cast", "NonZero")})
 
 
+_CONTROL_FLOW = {
+    "Scan": "control flow (the scan body reads the layer) is not differentiated; re-export with the scan "
+            "unrolled (or as a Loop) or pick a layer after the Scan",
+}
+
+
 def _refuse_missing_rules(path, opset) -> None:
     problems = []
     for node in path:
@@ -249,6 +319,8 @@ def _refuse_missing_rules(path, opset) -> None:
         elif node.op_type in ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QuantizeLinear",
                               "DequantizeLinear", "DynamicQuantizeLinear"):
             problems.append(f"{label}: quantized op; explain the float model instead")
+        elif node.op_type in _CONTROL_FLOW and get_rule(node.op_type) is None:
+            problems.append(f"{label}: {_CONTROL_FLOW[node.op_type]}")
         elif get_rule(node.op_type) is None:
             problems.append(f"{label}: no gradient rule")
     if problems:

@@ -111,6 +111,11 @@ class RuleContext:
     opset: int
     active: set = field(default_factory=set)  # tensors that depend on a target
     constants: dict = field(default_factory=dict)  # tensor name -> numpy value when known statically
+    # (ctx, body graph, {body output: gradient}, [names]) -> {name: gradient or None}, emitted in the
+    # current scope: how control-flow rules differentiate a body (the walker provides it).
+    body_gradients: Optional[Callable] = None
+    opset_imports: list = field(default_factory=list)  # the model's, for shape inference inside bodies
+    mode: str = STANDARD  # the rule mode of this backward pass (bodies of control flow inherit it)
 
     def needs(self, node: NodeView, i: int) -> bool:
         """Does input i of `node` need a gradient (it exists and depends on a target)?"""

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ def infer_infos(model: onnx.ModelProto) -> Dict[str, TensorInfo]:
         infos[init.name] = TensorInfo(init.data_type, tuple(init.dims))
     try:
         inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
-        value_infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+        value_infos = _value_infos(inferred.graph)
     except Exception:
-        value_infos = list(graph.value_info) + list(graph.output) + list(graph.input)
+        value_infos = _value_infos(graph)
     for vi in value_infos:
         info = _info_from_value_info(vi)
         old = infos.get(vi.name)
@@ -62,6 +62,36 @@ def infer_infos(model: onnx.ModelProto) -> Dict[str, TensorInfo]:
     return infos
 
 
+def _value_infos(graph) -> list:
+    """Value infos of `graph` and of every body nested in it (control-flow rules need the shapes
+    of the tensors inside branches; ONNX names are unique across scopes)."""
+    from .graph import subgraphs
+
+    found = list(graph.value_info) + list(graph.output) + list(graph.input)
+    for node in graph.node:
+        for body in subgraphs(node):
+            found += _value_infos(body)
+    return found
+
+
+def infer_body_infos(body, model_opsets, infos: Dict[str, TensorInfo], inputs: Dict[str, TensorInfo]) -> Dict[str, TensorInfo]:
+    """Shapes inside a control-flow body when its declared inputs say too little (a Loop body's
+    carried values are often declared without a shape): shape inference on the body alone, with
+    `inputs` standing for its inputs and the outer tensors it reads typed from `infos`."""
+    from .graph import outer_reads
+
+    declared = [make_value_info(name, info) for name, info in inputs.items()]
+    outer = [make_value_info(name, infos[name]) for name in sorted(outer_reads(body))
+             if name not in inputs and infos.get(name) is not None and infos[name].dtype]
+    graph = helper.make_graph(list(body.node), "body", declared + outer, list(body.output), list(body.initializer))
+    model = helper.make_model(graph, opset_imports=list(model_opsets))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    return {vi.name: _info_from_value_info(vi) for vi in _value_infos(inferred.graph)}
+
+
 _SMALL_TENSOR = 1024  # elements; kept as values: data propagation of shapes may need them
 
 
@@ -69,6 +99,15 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference with large floating-point weights turned into typed graph
     inputs: serialising 100 MB of weights costs more than the inference itself, and only their
     shapes matter (small and integer tensors stay, for data propagation)."""
+    return _light_copy(model)[0]
+
+
+def _light_copy(model: onnx.ModelProto):
+    """(copy without its large float weights, names of the weights made graph inputs). Nodes come
+    in topological order: shape inference gives up on a graph whose file order is not one.
+    Initializers that are graph inputs already (overridable) stay inputs, without their default."""
+    from .graph import topological
+
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(light, field, getattr(model, field))
@@ -76,18 +115,20 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     light.functions.extend(model.functions)
     graph = model.graph
     inputs = {i.name for i in graph.input}
-    small, stubs = [], []
+    small, stubs, moved = [], [], []
     for init in graph.initializer:
         count = 1
         for d in init.dims:
             count *= d
         if count <= _SMALL_TENSOR or init.data_type not in _FLOAT_TYPES:
             small.append(init)
-        elif init.name not in inputs:
+            continue
+        moved.append(init.name)
+        if init.name not in inputs:
             stubs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    light.graph.CopyFrom(helper.make_graph(list(graph.node), graph.name, list(graph.input) + stubs,
+    light.graph.CopyFrom(helper.make_graph(topological(graph), graph.name, list(graph.input) + stubs,
                                            list(graph.output), small, value_info=list(graph.value_info)))
-    return light
+    return light, moved
 
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -102,8 +143,9 @@ def probe_infos(model: onnx.ModelProto, names: Iterable[str], input_shapes=None)
     if not names:
         return {}
     graph_inputs = _real_inputs(model)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    # The large weights are fed as inputs rather than copied into the probe model and serialised
+    # with it: the probe then costs one copy of the weights (the arrays), not three.
+    probe, moved = _light_copy(model)
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
@@ -112,9 +154,12 @@ def probe_infos(model: onnx.ModelProto, names: Iterable[str], input_shapes=None)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # a failed probe is expected for fixed-size models: quiet
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del probe
+    moved = set(moved)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in moved}
     runs = []
     for variant in (0, 1):
-        feeds = {}
+        feeds = dict(weights)
         for vi in graph_inputs:
             feeds[vi.name] = _probe_array(vi, variant, input_shapes)
         try:

@@ -15,8 +15,8 @@ from ..autodiff.registry import STANDARD, rule_modes
 from ..errors import UsageError
 from .methods import LAYER, Method, get_method
 
-LAYERS, INPUT = "layers", "input"
-SAMPLE_KINDS = ("noise", "path")  # Needs.samples: built by the methods through cam/sampling.py  # gradient targets, resolved to tensor names by the augmenter
+LAYERS, INPUT, BIASES = "layers", "input", "biases"  # gradient targets, resolved to tensor names by the augmenter
+SAMPLE_KINDS = ("noise", "path")  # Needs.samples: built by the methods through cam/sampling.py
 
 
 @dataclass
@@ -25,13 +25,19 @@ class Plan:
     methods: List[Method]  # to build, dependencies first
     needs_layers: bool = False
     needs_activations: bool = False
-    gradients: Dict[str, List[str]] = field(default_factory=dict)  # rule mode -> [LAYERS and/or INPUT]
+    gradients: Dict[str, List[str]] = field(default_factory=dict)  # rule mode -> [LAYERS, INPUT, BIASES]
+    seeded: List[str] = field(default_factory=list)  # methods' own scores (cam/seeds.py): one pass each, at LAYERS
+    reruns: bool = False  # some method re-runs (part of) the graph on masked copies (cam/reruns.py)
 
-    def targets(self, mode: str, layers: Sequence[str], image_input: str) -> List[str]:
+    def wants(self, what: str) -> bool:
+        """Whether any backward pass differentiates `what` (LAYERS, INPUT or BIASES)."""
+        return any(what in entries for entries in self.gradients.values())
+
+    def targets(self, mode: str, layers: Sequence[str], image_input: str, biases: Sequence[str] = ()) -> List[str]:
         """The tensors to differentiate in `mode`."""
         names: List[str] = []
         for what in self.gradients.get(mode, []):
-            names.extend(layers if what == LAYERS else [image_input])
+            names.extend({LAYERS: list(layers), INPUT: [image_input], BIASES: list(biases)}[what])
         return list(dict.fromkeys(names))
 
 
@@ -57,12 +63,10 @@ def plan(method_names: Sequence[str]) -> Plan:
     modes = rule_modes()
     for method in ordered:
         needs = method.needs
-        if needs.reruns:
-            raise UsageError(f"method {method.name!r} needs re-runs of the graph, which this build of onnxcam "
-                             "cannot plan yet")
         if needs.samples not in (None,) + SAMPLE_KINDS:
             raise UsageError(f"method {method.name!r} asks for {needs.samples!r} samples; kinds are "
                              f"{', '.join(SAMPLE_KINDS)}")
+        result.reruns = result.reruns or needs.reruns
         if needs.rule_mode not in modes:
             raise UsageError(f"method {method.name!r} asks for rule mode {needs.rule_mode!r}; "
                              f"modes are {', '.join(modes)}")
@@ -70,8 +74,14 @@ def plan(method_names: Sequence[str]) -> Plan:
             result.needs_layers = True
         if needs.activation:
             result.needs_activations = True
-        if needs.gradient:
+        if needs.gradient and needs.seed:
+            result.needs_layers = True
+            if needs.seed not in result.seeded:
+                result.seeded.append(needs.seed)
+        elif needs.gradient:
             _add(result.gradients, STANDARD, LAYERS)
+        if needs.bias_gradients:
+            _add(result.gradients, STANDARD, BIASES)
         if needs.input_gradient:
             _add(result.gradients, needs.rule_mode, INPUT)
     return result

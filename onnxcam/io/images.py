@@ -11,6 +11,7 @@ decoded.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError
+from .files import read_user_file
 
 # 100 megapixels: a 3-channel uint8 copy is 300 MB, the float32 copy made on the way is 1.2 GB.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -50,7 +52,9 @@ def list_images(paths) -> ImageList:
             for child in sorted(path.iterdir()):
                 if child.name.startswith(".") or child.is_dir():
                     continue
-                if child.suffix.lower() in IMAGE_EXTENSIONS:
+                # A FIFO, socket or device (or a dangling link) named like a photo is no photo:
+                # reading a FIFO would block forever, a device never end.
+                if child.suffix.lower() in IMAGE_EXTENSIONS and _is_regular(child):
                     found.images.append(child)
                 else:
                     found.skipped.append(child)
@@ -63,17 +67,16 @@ def list_images(paths) -> ImageList:
 
 def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read `path` as uint8 RGB [H, W, 3]; raise ImageError naming the file if that is impossible."""
+    path = Path(os.fspath(path))
+    data = read_file_bytes(path, max_file_bytes(max_pixels))
+    return decode_image(data, path, max_pixels)
+
+
+def decode_image(data: bytes, name, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG...) as uint8 RGB [H, W, 3]; errors name `name`."""
     import cv2
 
-    path = Path(os.fspath(path))
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    path = name
     if not data:
         raise ImageError(f"{path}: the file is empty (0 bytes)")
     truncated = _truncation(data)
@@ -89,12 +92,43 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _is_regular(path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+# The most bytes per pixel an image file can need (4 channels of 32-bit floats in a TIFF), plus
+# room for metadata (EXIF thumbnails, ICC profiles): a larger file is no image within the limit.
+_MAX_BYTES_PER_PIXEL = 16
+_METADATA_ALLOWANCE = 64 * 2**20
+
+
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The largest file an image of at most `max_pixels` can be; None: no limit."""
+    return None if max_pixels is None else max_pixels * _MAX_BYTES_PER_PIXEL + _METADATA_ALLOWANCE
+
+
+def read_file_bytes(path, limit: int | None) -> bytes:
+    """The bytes of an image file: a regular file within `limit` bytes, checked before reading."""
+    return read_user_file(path, limit, ImageError, "image file", "raise --max-pixels if you trust the file")
+
+
 def _check_pixels(path, width, height, max_pixels) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"{path}: the image has no pixels ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
-                         f"{max_pixels / 1e6:g}; raise it with --max-pixels if you trust the file")
+        raise ImageError(f"{path}: {width}x{height} pixels is {_pixels(width * height)}, over the limit of "
+                         f"{_pixels(max_pixels)} (--max-pixels counts pixels); raise it with --max-pixels "
+                         "if you trust the file")
+
+
+def _pixels(count: int) -> str:
+    """A pixel count with its unit: "24.0 megapixels (24,000,000 pixels)", "1,000 pixels"."""
+    if count >= 100_000:
+        return f"{count / 1e6:.1f} megapixels ({count:,} pixels)"
+    return f"{count:,} pixels"
 
 
 def _truncation(data: bytes) -> str | None:

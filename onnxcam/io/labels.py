@@ -13,8 +13,11 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UsageError
+from .files import read_user_file
 
 IMAGENET = "imagenet"
+MAX_LABELS_BYTES = 64 * 2**20
+MAX_CLASSES = 10_000_000
 
 
 def imagenet_labels() -> list:
@@ -27,11 +30,12 @@ def load_labels(path=None) -> list:
     if path is None or path == IMAGENET:
         return imagenet_labels()
     path = Path(os.fspath(path))
+    if not path.exists():
+        raise UsageError(f"{path}: labels file not found")
+    data = read_user_file(path, MAX_LABELS_BYTES, UsageError, "labels file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: labels file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: cannot read the labels file ({exc})") from None
     stripped = text.lstrip()
     if stripped.startswith(("[", "{")):
@@ -56,6 +60,8 @@ def _json_labels(path, text) -> list:
             items = {int(k): _name(v) for k, v in data.items()}
         except ValueError:
             raise UsageError(f"{path}: a JSON labels object must map class indices to names") from None
+        if items and max(items) >= MAX_CLASSES:  # {"1000000000": "x"} must not allocate a billion names
+            raise UsageError(f"{path}: class index {max(items)} is beyond {MAX_CLASSES - 1}; is this a labels file?")
         labels = [""] * (max(items) + 1 if items else 0)
         for index, name in items.items():
             if index >= 0:
@@ -81,14 +87,16 @@ def labels_for_model(path, n_classes, on_warning=lambda message: None):
     """The labels to print for a model with `n_classes` outputs (None when unknown).
 
     Without a file: the ImageNet names for 1000 classes, and for 1001 with a background class
-    first (TensorFlow's slim models); no names for other class counts.
+    first (TensorFlow's slim models); no names for other class counts, nor when the count is not
+    known before running (a dynamic class axis, a segmenter's or detector's output): a name from
+    the wrong list is worse than none.
     """
     if path is not None:
         names = load_labels(path)
         if n_classes and len(names) != n_classes:
             on_warning(f"{path}: holds {len(names)} labels but the model has {n_classes} classes")
         return names
-    if n_classes in (None, 1000):
+    if n_classes == 1000:
         return imagenet_labels()
     if n_classes == 1001:
         return ["background"] + imagenet_labels()

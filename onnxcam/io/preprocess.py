@@ -82,7 +82,16 @@ def input_size(input_shape, layout: str = "NCHW", size=None) -> tuple:
                 raise UsageError(f"the model's input has a fixed {what} of {have}; --size {size[0]} {size[1]} "
                                  "does not fit (drop --size)")
     default = size if size is not None else (DEFAULT_SIZE, DEFAULT_SIZE)
-    return tuple(s if s is not None else d for s, d in zip(static, default))
+    height, width = (s if s is not None else d for s, d in zip(static, default))
+    if height * width > MAX_INPUT_PIXELS:  # refused before a tensor of that size is ever allocated
+        where = f"--size {height} {width}" if size is not None else f"the model's fixed input {height}x{width}"
+        raise UsageError(f"{where} is {height * width / 1e6:.0f} megapixels per image ({height * width * 12 / 2**30:.1f} "
+                         f"GB as float32 RGB), over the limit of {MAX_INPUT_PIXELS / 1e6:.0f}; explain at a smaller size")
+    return height, width
+
+
+# An input of 100 megapixels is 1.2 GB per image as float32 RGB, before the model's own activations.
+MAX_INPUT_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -94,11 +103,12 @@ class Geometry:
     offset: tuple
     size: tuple
 
-    def to_original(self, cam: np.ndarray) -> np.ndarray:
+    def to_original(self, cam: np.ndarray, outside: float = 0.0) -> np.ndarray:
         """Map a [h, w] map at model-input resolution onto the original image: float32 [H, W].
 
         Pixel centres are matched exactly (the inverse of the forward resize); parts of the
-        original that a centre crop cut away get 0, as the model never saw them.
+        original that a centre crop cut away get `outside` (0 by default; `onnxcam explain` writes
+        NaN there, so "the model never saw this" cannot be read as "no evidence here").
         """
         import cv2
 
@@ -116,8 +126,8 @@ class Geometry:
             xs = (np.arange(ow) + 0.5) / ax
             inside_y = (ys >= top) & (ys <= top + self.size[0])
             inside_x = (xs >= left) & (xs <= left + self.size[1])
-            out[~inside_y, :] = 0.0
-            out[:, ~inside_x] = 0.0
+            out[~inside_y, :] = outside
+            out[:, ~inside_x] = outside
         return out
 
     def crop_box(self) -> tuple:

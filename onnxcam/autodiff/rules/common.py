@@ -54,4 +54,5 @@ def mask_grad(ctx, mask: str, g: str) -> str:
 
 
 def reshape_like(ctx, g: str, x: str) -> str:
-    return ctx.emit.op("Reshape", g, ctx.emit.shape_of_tensor_or_dims(x))
+    """`g` (as many elements as `x`) in `x`'s shape."""
+    return ctx.emit.op("Reshape", g, ctx.emit.shape_for_reshape(x))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+from onnx import TensorProto
+
 from ..registry import vjp
 from .common import mask_grad, unbroadcast
 
@@ -114,10 +117,46 @@ def erf(ctx, node, grads):
     return [e.op("Mul", grads[0], local)]
 
 
-@vjp("Identity", "Dropout")
+@vjp("Identity")
 def identity(ctx, node, grads):
-    # Dropout at inference is the identity; its optional mask output carries no gradient.
     return [grads[0]]
+
+
+@vjp("Dropout", differentiable=(0,))
+def dropout(ctx, node, grads):
+    """Inference Dropout (no training_mode, or a constant false one) is the identity. In training
+    mode Y = X · mask / (1 - ratio) with a random mask drawn at each run, so the gradient must use
+    the mask of that same run: the node's mask output (added to the node when the model does not
+    ask for it) scales g by 1/(1 - ratio) where kept. A run-time training_mode selects either."""
+    e, g = ctx.emit, grads[0]
+    mode = node.input(2) if ctx.opset >= 12 else None
+    mode_value = ctx.value(mode) if mode else None
+    if mode is None or (mode_value is not None and not bool(np.asarray(mode_value).reshape(-1)[0])):
+        return [g]
+    mask = node.outputs[1] if len(node.outputs) > 1 and node.outputs[1] else _add_mask_output(ctx, node)
+    ratio = node.input(1)
+    ratio_value = 0.5 if ratio is None else ctx.value(ratio)
+    if ratio_value is not None:
+        keep = 1.0 - float(np.asarray(ratio_value).reshape(-1)[0])
+        scale = e.scalar(1.0 / keep if keep > 0 else 0.0, g)
+    else:
+        one = e.scalar(1.0, g)
+        scale = e.op("Div", one, e.op("Sub", one, e.cast(ratio, e.dtype(g))))
+    trained = mask_grad(ctx, mask, e.op("Mul", g, scale))
+    return [trained if mode_value is not None else e.op("Where", mode, trained, g)]
+
+
+def _add_mask_output(ctx, node) -> str:
+    """Give the forward Dropout node its optional mask output (its other outputs are unchanged)."""
+    name = ctx.emit.fresh("dropout_mask")
+    while len(node.proto.output) < 1:
+        node.proto.output.append("")
+    if len(node.proto.output) == 1:
+        node.proto.output.append(name)
+    else:
+        node.proto.output[1] = name
+    ctx.emit.set_info(name, TensorProto.BOOL, ctx.emit.info(node.outputs[0]).shape)
+    return name
 
 
 @vjp("Cast", differentiable=(0,))
@@ -151,14 +190,13 @@ def mean(ctx, node, grads):
 
 @vjp("Max", "Min")
 def max_min(ctx, node, grads):
-    """The gradient goes to the first input equal to the result (torch's max/min pick one too;
-    for two inputs torch.maximum splits ties evenly — documented difference, ties are measure-zero)."""
+    """Ties split the gradient evenly among the inputs equal to the result, as torch does:
+    torch.maximum gives each of two tied inputs half, and amax over stacked inputs 1/k each."""
     e, g, y = ctx.emit, grads[0], node.outputs[0]
-    taken = None
-    out = []
-    for i, x in enumerate(node.inputs):
-        hit = e.op("Equal", x, y)
-        first = hit if taken is None else e.op("And", hit, e.op("Not", taken))
-        taken = hit if taken is None else e.op("Or", taken, hit)
-        out.append(unbroadcast(ctx, mask_grad(ctx, first, g), x, y) if ctx.needs(node, i) else None)
-    return out
+    if len(node.inputs) == 1:
+        return [g]
+    hits = [e.op("Equal", x, y) for x in node.inputs]
+    count = e.op("Sum", *[e.cast(hit, e.dtype(g)) for hit in hits])
+    share = e.op("Div", g, count)
+    return [unbroadcast(ctx, mask_grad(ctx, hit, share), x, y) if ctx.needs(node, i) else None
+            for i, (x, hit) in enumerate(zip(node.inputs, hits))]

@@ -24,7 +24,17 @@ def scale_by_max_abs(emit, m):
 
 def upsample(emit, cam, image):
     """Bilinear resize to the input's spatial size with half-pixel centres (cv2.INTER_LINEAR)."""
+    import numpy as np
+
     h_axis, w_axis = image.spatial_axes
+    height, width = image.shape[h_axis], image.shape[w_axis]
+    small = emit.static_shape(cam)
+    if (small is not None and len(small) == 4 and all(isinstance(d, int) and d > 0 for d in (height, width, *small[2:]))
+            and height % small[2] == 0 and width % small[3] == 0):
+        # Whole-number factors: constant scales say exactly what the sizes would (ONNX Runtime
+        # derives the same scale from them), without reading the batch size at run time.
+        scales = emit.const(np.array([1, 1, height // small[2], width // small[3]], np.float32), TensorProto.FLOAT)
+        return emit.resize_full(cam, scales=scales, mode="linear", coordinate_transformation_mode="half_pixel")
     image_dims = emit.dims(image.name)
     cam_dims = emit.dims(emit.set_info(cam, TensorProto.FLOAT, [None, 1, None, None]))
     sizes = emit.shape_of([cam_dims[0], 1, image_dims[h_axis], image_dims[w_axis]])

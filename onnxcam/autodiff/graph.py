@@ -1,0 +1,133 @@
+"""Facts about a graph's wiring that the walker and the augmenter both need: a topological order,
+the outer-scope names that control-flow bodies read, and the initializers a graph input overrides.
+
+A node with subgraphs (If, Loop, Scan) depends not only on its declared inputs but on every
+outer name its bodies read: a branch may use a tensor of the main graph without declaring it.
+Missing those reads loses gradient contributions silently, so every dependency question asks
+`node_reads` here rather than `node.input`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Dict, Iterable, List, Set
+
+import onnx
+
+
+def subgraphs(node: onnx.NodeProto) -> List[onnx.GraphProto]:
+    """The bodies of a control-flow node (If's branches, Loop's and Scan's body), in attribute order."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+def outer_reads(graph: onnx.GraphProto) -> Set[str]:
+    """Names `graph` (a subgraph) reads from enclosing scopes: read by a node, at any nesting
+    depth, or listed as an output, and not defined inside it."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    reads: Set[str] = set()
+    for node in graph.node:
+        defined.update(o for o in node.output if o)
+        reads.update(i for i in node.input if i)
+        for body in subgraphs(node):
+            reads |= outer_reads(body)
+    reads.update(o.name for o in graph.output)
+    return reads - defined
+
+
+def captures(node: onnx.NodeProto) -> Set[str]:
+    """Outer-scope names the subgraphs of `node` read (empty for ordinary nodes)."""
+    names: Set[str] = set()
+    for body in subgraphs(node):
+        names |= outer_reads(body)
+    return names
+
+
+def node_reads(node: onnx.NodeProto) -> List[str]:
+    """Every tensor `node` depends on: its inputs, then (sorted) its bodies' outer-scope captures."""
+    declared = [i for i in node.input if i]
+    extra = sorted(captures(node) - set(declared))
+    return declared + extra
+
+
+def topological(graph: onnx.GraphProto) -> List[onnx.NodeProto]:
+    """The graph's nodes in a topological order (ONNX requires one; some exporters don't honour it).
+
+    Kahn's algorithm with a count of unmet producers per node: linear in the graph's size (a
+    heap keeps the file's order among the nodes that are ready, so an ordered file comes back
+    unchanged). Dependencies include outer names read by subgraphs. Names nothing in the graph
+    produces (graph inputs, initializers, or a malformed reference) are not waited for; nodes
+    caught in a cycle are appended in the file's order."""
+    ordered, cyclic = _kahn(graph)
+    return ordered + cyclic  # a cycle: keep the file's order for what is left
+
+
+def nodes_in_cycles(graph: onnx.GraphProto) -> List[onnx.NodeProto]:
+    """The nodes on a cycle (or between two), in file order: what no topological order can place,
+    less the nodes merely fed by a cycle (peeled off from the sinks up, linearly)."""
+    stuck = _kahn(graph)[1]
+    producer = {out: i for i, node in enumerate(stuck) for out in node.output if out}
+    readers = [0] * len(stuck)  # how many stuck nodes read each stuck node's outputs
+    feeds: List[List[int]] = [[] for _ in stuck]
+    for i, node in enumerate(stuck):
+        for name in set(node_reads(node)):
+            j = producer.get(name)
+            if j is not None:
+                readers[j] += 1
+                feeds[i].append(j)
+    sinks = [i for i, count in enumerate(readers) if count == 0]
+    removed = [False] * len(stuck)
+    while sinks:
+        i = sinks.pop()
+        removed[i] = True
+        for j in feeds[i]:
+            readers[j] -= 1
+            if readers[j] == 0:
+                sinks.append(j)
+    return [node for i, node in enumerate(stuck) if not removed[i]]
+
+
+def _kahn(graph: onnx.GraphProto):
+    nodes = list(graph.node)
+    producer: Dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                producer.setdefault(out, index)
+    waiting = [0] * len(nodes)
+    consumers: List[List[int]] = [[] for _ in nodes]
+    for index, node in enumerate(nodes):
+        for name in set(node_reads(node)):
+            source = producer.get(name)
+            if source is not None and source != index:
+                waiting[index] += 1
+                consumers[source].append(index)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered, placed = [], [False] * len(nodes)
+    while ready:
+        index = heapq.heappop(ready)
+        ordered.append(nodes[index])
+        placed[index] = True
+        for consumer in consumers[index]:
+            waiting[consumer] -= 1
+            if waiting[consumer] == 0:
+                heapq.heappush(ready, consumer)
+    return ordered, [node for index, node in enumerate(nodes) if not placed[index]]
+
+
+def overridable_initializers(graph: onnx.GraphProto) -> Set[str]:
+    """Initializers that are also graph inputs (torch's keep_initializers_as_inputs): their stored
+    value is only a default, a caller may feed another at run time, so they are no constants."""
+    inputs = {i.name for i in graph.input}
+    return {t.name for t in graph.initializer if t.name in inputs}
+
+
+def producers_of(nodes: Iterable[onnx.NodeProto]) -> Dict[str, onnx.NodeProto]:
+    return {out: node for node in nodes for out in node.output if out}

@@ -1,0 +1,289 @@
+"""Eigen-CAM, Score-CAM, Group-CAM, Ablation-CAM, NormGrad, FullGrad, Finer-CAM and CF-CAM against
+their reference code written out in tests/gradient_free_reference.py: maps within 1e-4 of the
+map's maximum, on a small residual net, batches of 2-3 images."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import onnxcam
+from onnxcam.cam.augment import CLASS_INPUT
+from onnxcam.cam.methods.forward_only import RESIDUAL_OUTPUT
+from onnxcam.errors import UsageError
+from harness import session
+from cam_reference import activations_and_gradients
+import gradient_free_reference as ref
+from torch_nets import TinyResNet, export, randomise_batchnorm
+
+SIZE = 64
+TOLERANCE = 1e-4  # of the map's maximum (maps are in [0, 1])
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet())
+    path = export(model, tmp_path_factory.mktemp("gradient_free") / "resnet.onnx", SIZE)
+    relus = [l.name for l in onnxcam.layers(path) if l.op == "Relu"]
+    return model, path, {"layer2": relus[-3], "layer3": relus[-1]}
+
+
+@pytest.fixture(scope="module")
+def dead_resnet(tmp_path_factory):
+    """Channels 0-7 of layer3's output are zero for every image (their runs are skipped)."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet())
+    with torch.no_grad():
+        model.layer3.bn2.bias[:8] = -100.0
+        model.layer3.down[1].bias[:8] = -100.0
+    path = export(model, tmp_path_factory.mktemp("gradient_free_dead") / "resnet.onnx", SIZE)
+    return model, path, {"layer3": [l.name for l in onnxcam.layers(path) if l.op == "Relu"][-1]}
+
+
+def images(n, seed=0, uniform=False):
+    rng = np.random.default_rng(seed)
+    shape = (n, 3, SIZE, SIZE)
+    return (rng.uniform(0, 1, shape) if uniform else rng.standard_normal(shape)).astype(np.float32)
+
+
+def close(result, expected):
+    ref.assert_not_degenerate(expected)
+    assert result.shape == expected.shape
+    assert np.max(np.abs(result - expected)) <= TOLERANCE * np.max(expected)
+
+
+def op_types(model):
+    return {n.op_type for n in model.graph.node}
+
+
+# ---------------------------------------------------------------------- Eigen-CAM
+@pytest.mark.parametrize("method", ["eigencam", "eigen-gradcam"])
+def test_eigen_cams_match_numpy_svd(resnet, method):
+    model, path, layers = resnet
+    x = images(3)
+    pairs, classes, _ = activations_and_gradients(model, [model.layer3.relu], x, None)
+    A, G = pairs[0]
+    X = A if method == "eigencam" else A * G
+    augmented = onnxcam.augment(path, method=method, layer=layers["layer3"])
+    residual_name = f"{RESIDUAL_OUTPUT}__{method}"
+    feeds = {"input": x, CLASS_INPUT: np.full(3, -1, np.int64)}
+    names = [o.name for o in augmented.graph.output]
+    outputs = dict(zip(names, session(augmented).run(None, feeds)))
+    assert outputs[residual_name].shape == (3, 1) and np.all(outputs[residual_name] < 1e-3)
+    corrected = np.array([ref.through_pipeline(ref.projection(X[n], True)[None], SIZE)[0] for n in range(3)])
+    close(outputs["onnxcam_cam"], corrected)
+    # pytorch-grad-cam's own sign is LAPACK's: the raw variant equals it up to sign
+    raw = onnxcam.Explainer(path, method=method, layer=layers["layer3"],
+                            method_options={method: {"sign": "raw"}})(x).cam
+    for n in range(3):
+        candidates = [ref.through_pipeline(s * ref.projection(X[n], False)[None], SIZE)[0] for s in (1, -1)]
+        assert min(np.max(np.abs(raw[n] - c)) for c in candidates) <= TOLERANCE
+
+
+def test_eigencam_builds_no_backward_pass_and_ignores_the_class(resnet):
+    _, path, layers = resnet
+    eigen = onnxcam.augment(path, method="eigencam", layer=layers["layer2"])
+    grad = onnxcam.augment(path, method="gradcam", layer=layers["layer2"])
+    assert "ConvTranspose" in op_types(grad) and "ConvTranspose" not in op_types(eigen)
+    explainer = onnxcam.Explainer(path, method="eigencam", layer=layers["layer2"])
+    x = images(2, seed=1)
+    np.testing.assert_array_equal(explainer(x, class_index=[1, 2]).cam, explainer(x, class_index=[7, 3]).cam)
+
+
+# ---------------------------------------------------------------------- re-runs
+@pytest.mark.parametrize("net,chunk_size", [("resnet", 1), ("resnet", 5), ("resnet", 200), ("dead_resnet", 5)])
+def test_scorecam_matches_pytorch_grad_cam_recipe(request, net, chunk_size):
+    model, path, layers = request.getfixturevalue(net)
+    x = images(2)
+    pairs, classes, _ = activations_and_gradients(model, [model.layer3], x, None)
+    A = pairs[0][0]
+    assert (A.max(axis=(2, 3)) == 0).sum() >= (16 if net == "dead_resnet" else 1)  # all-zero channels: skipped runs
+    weights = ref.scorecam_weights(model, A, x, classes)
+    expected = ref.through_pipeline((weights[:, :, None, None] * A).sum(1), SIZE)
+    result = onnxcam.Explainer(path, method="scorecam", layer=layers["layer3"],
+                               method_options={"scorecam": {"chunk_size": chunk_size}})(x)
+    close(result.cam, expected)
+
+
+@pytest.mark.parametrize("net,where", [("resnet", "block output"), ("resnet", "inside a residual block"),
+                                       ("dead_resnet", "block output")])
+def test_ablationcam_reruns_only_the_tail(request, net, where):
+    model, path, layers = request.getfixturevalue(net)
+    x = images(2, seed=2)
+    if where == "block output":
+        module, layer = model.layer3, layers["layer3"]  # (the block's relu module runs twice: hook the block)
+    else:  # the tail's Add reads the block's shortcut from outside the re-run part: tiled
+        module, layer = model.layer3.bn1, "/layer3/conv1/Conv_output_0"
+    pairs, classes, logits = activations_and_gradients(model, [module], x, None)
+    A = pairs[0][0]
+    weights = ref.ablation_weights(model, module, x, classes, logits, A.shape[1])
+    expected = ref.through_pipeline((weights[:, :, None, None] * A).sum(1), SIZE)
+    augmented = onnxcam.augment(path, method="ablationcam", layer=layer, method_options={"ablationcam": {"chunk_size": 7}})
+    copied_convs = sum(n.op_type == "Conv" for loop in augmented.graph.node if loop.op_type == "Loop"
+                       for n in loop.attribute[0].g.node)
+    assert copied_convs == (0 if where == "block output" else 1)  # only conv2 of the block is re-run
+    cam = session(augmented).run(["onnxcam_cam"], {"input": x, CLASS_INPUT: np.full(2, -1, np.int64)})[0]
+    close(cam, expected)
+
+
+def test_reruns_share_the_weights(resnet):
+    _, path, layers = resnet
+    original = onnx.load(path)
+    augmented = onnxcam.augment(path, method="scorecam", layer=layers["layer3"])
+    weight_bytes = sum(len(t.raw_data) for t in original.graph.initializer)
+    added = sum(len(t.raw_data) for t in augmented.graph.initializer) - weight_bytes
+    assert added < 0.05 * weight_bytes
+
+
+@pytest.mark.parametrize("groups", [32, 5])
+def test_groupcam_matches_the_authors_code(resnet, groups):
+    model, path, layers = resnet
+    x = images(2)
+    pairs, classes, _ = activations_and_gradients(model, [model.layer3.relu], x, None)
+    A, G = pairs[0]
+    expected = np.array([ref.groupcam(model, A[n:n + 1], G[n:n + 1], x[n:n + 1], classes[n], groups) for n in range(2)])
+    result = onnxcam.Explainer(path, method="groupcam", layer=layers["layer3"],
+                               method_options={"groupcam": {"groups": groups, "chunk_size": 4}})(x)
+    close(result.cam, expected)
+
+
+def test_rerun_methods_refuse_nonlinear_targets_and_counterfactuals(resnet):
+    _, path, _ = resnet
+    with pytest.raises(UsageError, match="linear"):
+        onnxcam.augment(path, method="scorecam", target="embedding")
+    with pytest.raises(UsageError, match="counterfactual"):
+        onnxcam.augment(path, method="ablationcam", counterfactual=True)
+    with pytest.raises(UsageError, match="chunk_size"):
+        onnxcam.augment(path, method="scorecam", method_options={"scorecam": {"chunk_size": 0}})
+
+
+# ---------------------------------------------------------------------- second generation
+@pytest.mark.parametrize("variant", ["norm", "selective"])
+def test_normgrad_multi_layer_product(resnet, variant):
+    model, path, layers = resnet
+    x = images(2)
+    pairs, _, _ = activations_and_gradients(model, [model.layer2.relu, model.layer3.relu], x, None)
+    expected = ref.normgrad(pairs, SIZE, variant)
+    result = onnxcam.Explainer(path, method="normgrad", layer=[layers["layer2"], layers["layer3"]],
+                               method_options={"normgrad": {"variant": variant}})(x)
+    close(result.cam, expected)
+
+
+def test_fullgrad_matches_pytorch_grad_cam(resnet):
+    model, path, _ = resnet
+    x = images(2)
+    expected, count = ref.fullgrad(model, x, SIZE)
+    assert count == 9  # BatchNorms, folded into the exported Convs' biases
+    close(onnxcam.Explainer(path, method="fullgrad")(x).cam, expected)
+
+
+def test_finercam_matches_pytorch_grad_cam(resnet):
+    model, path, layers = resnet
+    x = images(3)
+    A, G = ref.finer_gradients(model, model.layer3.relu, x, alpha=0.6, positions=(1, 3))
+    expected = ref.through_pipeline((G.mean((2, 3))[:, :, None, None] * A).sum(1), SIZE)
+    result = onnxcam.Explainer(path, method="finercam", layer=layers["layer3"],
+                               method_options={"finercam": {"alpha": 0.6, "comparison_categories": [1, 3]}})(x)
+    close(result.cam, expected)
+
+
+def test_cfcam_matches_the_authors_code_with_several_clusters(resnet):
+    model, path, layers = resnet
+    x = images(2, uniform=True)
+    pairs, _, _ = activations_and_gradients(model, [model.layer3.relu], x, None)
+    A, G = pairs[0]
+    found = [ref.cfcam(A[n], G[n], SIZE) for n in range(2)]
+    assert max(f[1] for f in found) >= 2 and min(f[2] for f in found) >= 1  # clusters and noise exercised
+    result = onnxcam.Explainer(path, method="cfcam", layer=layers["layer3"])(x)
+    close(result.cam, np.array([f[0] for f in found]))
+
+
+def test_dbscan_in_the_graph_equals_scikit_learns(tmp_path):
+    """Chains (components needing many propagation steps), border points, noise, ineligible points."""
+    from onnx import TensorProto, helper
+    from onnxcam.autodiff.gradients import new_emitter
+    from onnxcam.cam.methods.cf_cam import BIG, dbscan
+
+    rng = np.random.default_rng(0)
+    chain = np.cumsum(rng.uniform(0.5, 0.9, (12, 1)), axis=0) * np.array([[1.0, 0.3]])
+    blob = rng.normal([20, 20], 0.4, (8, 2))
+    lonely = rng.uniform(-30, -10, (5, 2))
+    points = np.concatenate([chain, blob, lonely, chain[::-1] + 40])[rng.permutation(37)]
+    eligible = rng.uniform(size=37) > 0.1
+    c, eps, min_samples = len(points), 1.0, 3
+    graph = helper.make_graph([], "dbscan", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, c, 2]),
+                                              helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, c])], [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    emit = new_emitter(model, {})
+    emit.set_info("x", TensorProto.DOUBLE, (1, c, 2))
+    diff = emit.op("Sub", emit.unsqueeze("x", [2]), emit.unsqueeze("x", [1]))
+    dist = emit.op("Sqrt", emit.reduce("ReduceSum", emit.op("Mul", diff, diff), [3], keepdims=False))
+    labels = dbscan(emit, dist, "keep", emit.const(np.full((1, 1, 1), eps), TensorProto.DOUBLE),
+                    emit.const(np.full((1, 1), min_samples, np.float32), TensorProto.FLOAT), c)
+    emit.nodes.append(helper.make_node("Identity", [labels], ["labels"]))
+    model.graph.node.extend(emit.nodes)
+    model.graph.initializer.extend(emit.initializers)
+    model.graph.output.append(helper.make_tensor_value_info("labels", TensorProto.FLOAT, None))
+    ours = session(model).run(None, {"x": points[None], "keep": eligible[None]})[0][0]
+    expected = np.full(c, -1)
+    expected[eligible] = ref.dbscan_labels(points[eligible], eps, min_samples)
+    assert len(set(expected[expected >= 0])) >= 3 and np.sum(expected == -1) >= 3
+    # same partition: clusters named by their smallest core index here, by discovery order there
+    ours_partition = {frozenset(np.where(ours == v)[0]) for v in set(ours[ours < BIG])}
+    expected_partition = {frozenset(np.where(expected == v)[0]) for v in set(expected[expected >= 0])}
+    assert ours_partition == expected_partition
+    np.testing.assert_array_equal(ours >= BIG, expected == -1)
+
+
+# ---------------------------------------------------------------------- several at once
+def test_several_methods_in_one_model_equal_each_alone(resnet):
+    _, path, layers = resnet
+    methods = ["eigencam", "scorecam", "gradcam", "fullgrad"]
+    x = images(2, seed=4)
+    together = onnxcam.Explainer(path, method=methods, layer=layers["layer3"])(x)
+    for method in methods:
+        alone = onnxcam.Explainer(path, method=method, layer=layers["layer3"])(x).cam
+        np.testing.assert_allclose(together.cams[method], alone, atol=1e-6)
+
+
+def test_ablationcam_with_the_segmentation_target(tmp_path):
+    """A score linear in the output (pytorch-grad-cam's SemanticSegmentationTarget: the class's
+    logits summed over its predicted pixels), re-run on the ablated copies."""
+    from test_targets import TinySegmenter, dominant_class, export as export_segmenter, images as seg_images, tensor_of
+
+    torch.manual_seed(2)
+    model = TinySegmenter().eval()
+    path = export_segmenter(model, tmp_path / "seg.onnx", (48, 64))
+    x = seg_images(2, (48, 64), seed=2)
+    module = model.encoder[3]
+    with torch.no_grad():
+        logits = model(torch.tensor(x)).numpy()
+    classes = dominant_class(logits)
+    masks = torch.tensor((logits.argmax(1) == classes[:, None, None]).astype(np.float32))
+    store = {}
+    handle = module.register_forward_hook(lambda m, i, o: store.setdefault("a", o.detach()))
+    with torch.no_grad():
+        model(torch.tensor(x))
+    handle.remove()
+    A = store["a"].numpy()
+    weights = np.zeros(A.shape[:2])
+    for n in range(2):
+        def score(out):
+            return float((out[0, classes[n]] * masks[n]).sum())
+        original = score(ref.with_output_replaced(model, module, torch.tensor(x[n:n + 1]), lambda o: o))
+        for k in range(A.shape[1]):
+            def ablate(o, k=k):
+                o = o.clone()
+                o[:, k] = 0 if o.min() == 0 else o.min() - 1e7
+                return o
+            weights[n, k] = (original - score(ref.with_output_replaced(model, module, torch.tensor(x[n:n + 1]), ablate))) \
+                / original
+    expected = np.array([ref.scale(ref.scale(np.maximum((weights[n][:, None, None] * A[n]).sum(0), 0)[None],
+                                                 (64, 48)))[0] for n in range(2)])
+    result = onnxcam.Explainer(path, method="ablationcam", layer=tensor_of(path, "encoder.3"), target="segmentation",
+                               method_options={"ablationcam": {"chunk_size": 9}})(x)
+    np.testing.assert_array_equal(result.class_index, classes)
+    close(result.cam, expected)
