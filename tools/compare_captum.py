@@ -114,13 +114,10 @@ class FixedNoise:
         return value
 
 
-def compare_model(name, tmp):
-    import cv2
-    from captum.attr import (Deconvolution, GuidedBackprop, GuidedGradCam, InputXGradient, IntegratedGradients,
-                             NoiseTunnel, Saliency)
-    from pytorch_grad_cam import GuidedBackpropReLUModel
-    from torchcam.methods import SmoothGradCAMpp
+PARTS = ("base", "ig", "noise", "cam")
 
+
+def compare_model(name, tmp, parts=PARTS, ig_rules=("gausslegendre", "riemann_trapezoid")):
     model, module_paths, batches = build(name)
     label, x = batches[0]
     if name == "efficientnet_lite0":
@@ -155,6 +152,20 @@ def compare_model(name, tmp):
                              providers=["cpu"])(x)
     target = torch.from_numpy(base.class_index)
     attr = lambda m: base.extras[f"onnxcam_attribution__{m}"]  # noqa: E731
+    if "base" in parts:
+        _base_rows(row, model, module, xt, target, base, attr)
+    if "ig" in parts:
+        _ig_rows(row, model, model64, path, layer, x, xt, xt64, target, ig_rules)
+    if "noise" in parts:
+        _noise_rows(row, model, model64, path, layer, x, xt, xt64, target)
+    if "cam" in parts:
+        _cam_rows(row, model, module_paths, path, layer, x, xt, base)
+    print(f"   ({time.time() - started:.0f}s)", flush=True)
+    return rows
+
+
+def _base_rows(row, model, module, xt, target, base, attr):
+    from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, InputXGradient, Saliency
     row("saliency", "captum Saliency(abs=True)", relative(attr("saliency"), Saliency(model).attribute(
         xt.clone().requires_grad_(), target=target).numpy()))
     row("gradient", "captum Saliency(abs=False)", relative(attr("gradient"), Saliency(model).attribute(
@@ -169,10 +180,12 @@ def compare_model(name, tmp):
                                                  interpolate_mode="bilinear").detach().numpy()
     row("guided-gradcam", "captum GuidedGradCam (bilinear), maps", relative(base.cams["guided-gradcam"],
                                                                            signed_map(ggc)))
-    print(f"   ({time.time() - started:.0f}s)", flush=True)
 
-    # Integrated Gradients, both rules, same steps, zero baseline; completeness residual
-    for rule in ("gausslegendre", "riemann_trapezoid"):
+
+def _ig_rows(row, model, model64, path, layer, x, xt, xt64, target, rules):
+    """Integrated Gradients, both rules, same steps, zero baseline; completeness residual."""
+    from captum.attr import IntegratedGradients
+    for rule in rules:
         for steps in (IG_STEPS,) + ((64,) if rule == "gausslegendre" else ()):
             ours = explain(path, layer, "integrated-gradients", x, {"steps": steps, "rule": rule,
                                                                      "samples_per_chunk": 8})
@@ -195,7 +208,11 @@ def compare_model(name, tmp):
                 relative(ours.extras["onnxcam_attribution__integrated-gradients"], reference.detach().numpy()), note,
                 diff64, floor)
 
-    # NoiseTunnel: captum draws the noise; we feed the same standard normal noise
+
+
+def _noise_rows(row, model, model64, path, layer, x, xt, xt64, target):
+    """NoiseTunnel: captum draws the noise; we feed the same standard normal noise."""
+    from captum.attr import NoiseTunnel, Saliency
     n = len(x)
     for nt_type, method in (("smoothgrad", "smoothgrad"), ("smoothgrad_sq", "smoothgrad-sq"),
                             ("vargrad", "vargrad")):
@@ -213,7 +230,13 @@ def compare_model(name, tmp):
             relative(got, reference.detach().numpy()), "", relative(got, reference64),
             relative(reference.detach().numpy(), reference64))
 
-    # torchcam SmoothGradCAMpp with our noise
+
+
+def _cam_rows(row, model, module_paths, path, layer, x, xt, base):
+    """torchcam's SmoothGradCAMpp with our noise; pytorch-grad-cam's GuidedBackpropReLUModel."""
+    import cv2
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+    from torchcam.methods import SmoothGradCAMpp
     noise = np.random.default_rng(0).standard_normal((CAM_SAMPLES,) + x.shape).astype(np.float32)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -236,15 +259,16 @@ def compare_model(name, tmp):
     guided_model = GuidedBackpropReLUModel(model=model, device=torch.device("cpu"))
     pgc = np.stack([guided_model(xt[i:i + 1].clone(), target_category=int(c)).transpose(2, 0, 1)
                     for i, c in enumerate(base.class_index)])
-    row("guided-backprop", "pytorch-grad-cam GuidedBackpropReLUModel", relative(attr("guided-backprop"), pgc))
-    print(f"   ({time.time() - started:.0f}s)", flush=True)
-    return rows
+    attribution = base.extras["onnxcam_attribution__guided-backprop"]
+    row("guided-backprop", "pytorch-grad-cam GuidedBackpropReLUModel", relative(attribution, pgc))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet50,efficientnet_lite0")
     parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--parts", default=",".join(PARTS), help="base (single gradients), ig, noise, cam")
+    parser.add_argument("--ig-rules", default="gausslegendre,riemann_trapezoid")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
@@ -257,7 +281,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             print(f"\n== {name}", flush=True)
-            rows += compare_model(name, tmp)
+            rows += compare_model(name, tmp, args.parts.split(","), args.ig_rules.split(","))
     print("\n| model | onnxcam method | reference | max |diff| / max |ref| | vs the reference in float64 | "
           "reference float32 vs float64 | note |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
