@@ -14,7 +14,6 @@ import contextlib
 import cv2
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

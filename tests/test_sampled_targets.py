@@ -8,13 +8,12 @@ steps chosen on x) and apply it to every sample; where the score is not linear i
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import onnxcam
-from test_input_space import cam_pipeline, compare, gausslegendre, noise_sigma, relu_backward
+from test_input_space import compare, gausslegendre, noise_sigma, relu_backward
 from test_targets import (TinyCRNN, TinyEmbedder, TinySegmenter, TinyYOLOv5, TinyYOLOv8, dominant_class, export,
                           tensor_of, v8_selection)
 from torch_nets import TinyResNet, randomise_batchnorm

@@ -209,7 +209,6 @@ def _ig_rows(row, model, model64, path, layer, x, xt, xt64, target, rules):
                 diff64, floor)
 
 
-
 def _noise_rows(row, model, model64, path, layer, x, xt, xt64, target):
     """NoiseTunnel: captum draws the noise; we feed the same standard normal noise."""
     from captum.attr import NoiseTunnel, Saliency
