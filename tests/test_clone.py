@@ -87,3 +87,26 @@ def test_copy_refuses_outputs_that_do_not_depend_on_the_replacement(resnet):
     first = analysis.nodes[0].output[0]
     with pytest.raises(UnsupportedModelError, match="nothing to re-run"):
         clone_forward(analysis, emit, {"output": "x2"}, [first])
+
+
+def test_a_replaced_tensor_maps_to_its_replacement(resnet):
+    """A target layer that is the image input itself is, in a sampled copy, the sample."""
+    _, path = resnet
+    proto = onnx.load(path)
+    analysis = GraphAnalysis(proto)
+    emit = new_emitter(proto, analysis.infos)
+    emit.set_info("x2", TensorProto.FLOAT, ("N", 3, 32, 32))
+    copy = clone_forward(analysis, emit, {"input": "x2"}, ["output"])
+    assert copy["input"] == "x2" and copy["output"] != "output"
+    first_weight = proto.graph.initializer[0].name
+    assert copy[first_weight] == first_weight
+
+
+@pytest.mark.parametrize("method", ["smooth-gradcam++", "integrated-gradcam"])
+def test_sampled_layer_methods_at_the_input_layer(resnet, method):
+    import onnxcam
+
+    _, path = resnet
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    cam = onnxcam.Explainer(path, method=method, layer="input")(x).cam
+    assert cam.shape == (2, 32, 32) and np.isfinite(cam).all() and cam.max() > 0.5 and cam.std() > 0.01

@@ -10,7 +10,7 @@ any weight. The copy comes with a GraphAnalysis of its own, so the walker can di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import onnx
@@ -24,10 +24,13 @@ from .shapes import TensorInfo
 class ForwardCopy:
     names: Dict[str, str]  # original tensor -> its copy (every copied node output)
     analysis: GraphAnalysis  # of the copied nodes only
+    replacements: Dict[str, str] = field(default_factory=dict)  # replaced tensor -> what the copy reads
 
     def __getitem__(self, original: str) -> str:
-        """The copy of `original`, or `original` itself when the copy reads it unchanged."""
-        return self.names.get(original, original)
+        """The copy of `original`: a copied node's output, the replacement of a replaced tensor
+        (a target layer that is the image input itself is the sample), or `original` itself when
+        the copy reads it unchanged."""
+        return self.names.get(original) or self.replacements.get(original, original)
 
 
 def clone_forward(analysis: GraphAnalysis, emit, replacements: Mapping[str, str], outputs: Sequence[str],
@@ -75,7 +78,7 @@ def clone_forward(analysis: GraphAnalysis, emit, replacements: Mapping[str, str]
         emit.nodes.append(copy)
         copied.append(copy)
     sub = _sub_analysis(analysis, copied, names, rename_dims)
-    return ForwardCopy({k: v for k, v in names.items() if k not in replacements}, sub)
+    return ForwardCopy({k: v for k, v in names.items() if k not in replacements}, sub, dict(replacements))
 
 
 def _reads(node) -> List[str]:
