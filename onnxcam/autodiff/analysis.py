@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import overridable_initializers, topological
+from .graph import overridable_initializers, producers_of, topological
 from .shapes import TensorInfo, infer_infos, probe_infos
 
 
@@ -25,19 +25,23 @@ class GraphAnalysis:
     def __init__(self, model: onnx.ModelProto, infos: Optional[Dict[str, TensorInfo]] = None):
         self.model = model
         graph = model.graph
-        self.nodes: List[onnx.NodeProto] = topological(graph)
-        self.producers: Dict[str, onnx.NodeProto] = {o: n for n in self.nodes for o in n.output if o}
-        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
-        for node in self.nodes:
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
-        self.order: Dict[str, int] = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self._index(topological(graph))
         self.known: set = known_tensors(graph, self.nodes)
         self.initializers = {i.name for i in graph.initializer}
         self.infos: Dict[str, TensorInfo] = infos if infos is not None else infer_infos(model)
         self._constants = None
         self._probe_failed: set = set()
+
+    def _index(self, nodes: List[onnx.NodeProto]) -> None:
+        """`nodes` (in order) and who produces and consumes each tensor."""
+        self.nodes = nodes
+        self.producers: Dict[str, onnx.NodeProto] = producers_of(nodes)
+        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
+        for node in nodes:
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.order: Dict[str, int] = {o: i for i, n in enumerate(nodes) for o in n.output if o}
 
     @property
     def constants(self) -> Dict[str, np.ndarray]:

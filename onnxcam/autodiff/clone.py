@@ -17,6 +17,7 @@ import onnx
 
 from ..errors import UnsupportedModelError
 from .analysis import GraphAnalysis
+from .graph import ancestors, node_reads
 from .shapes import TensorInfo
 
 
@@ -45,9 +46,9 @@ def clone_forward(analysis: GraphAnalysis, emit, replacements: Mapping[str, str]
     rename_dims = dict(rename_dims or {})
     affected = set(replacements)
     for node in analysis.nodes:
-        if any(i in affected for i in _reads(node)):
+        if any(i in affected for i in node_reads(node)):
             affected.update(o for o in node.output if o)
-    feeding = _ancestors(analysis, outputs, stop=set(replacements))
+    feeding = ancestors(outputs, analysis.producers, stop=set(replacements))
     missing = [o for o in outputs if o not in affected]
     if missing:
         raise UnsupportedModelError(f"tensor(s) {', '.join(map(repr, missing))} do not depend on "
@@ -81,32 +82,6 @@ def clone_forward(analysis: GraphAnalysis, emit, replacements: Mapping[str, str]
     return ForwardCopy({k: v for k, v in names.items() if k not in replacements}, sub, dict(replacements))
 
 
-def _reads(node) -> List[str]:
-    """Every tensor a node reads, its subgraphs' outer-scope names included."""
-    names = [i for i in node.input if i]
-    for attr in node.attribute:
-        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in graph.node:
-                names.extend(i for i in inner.input if i)
-    return names
-
-
-def _ancestors(analysis: GraphAnalysis, outputs, stop=frozenset()) -> set:
-    """Tensors the outputs depend on, not looking past the `stop` tensors (replaced ones: what
-    made them does not matter to the copy)."""
-    seen, stack = set(outputs), list(outputs)
-    while stack:
-        name = stack.pop()
-        node = None if name in stop else analysis.producers.get(name)
-        if node is None:
-            continue
-        for i in _reads(node):
-            if i not in seen:
-                seen.add(i)
-                stack.append(i)
-    return seen
-
-
 def _renamed(info: Optional[TensorInfo], rename_dims) -> TensorInfo:
     if info is None or info.shape is None:
         return TensorInfo(info.dtype if info else None, None)
@@ -119,14 +94,7 @@ class _CopyAnalysis(GraphAnalysis):
 
     def __init__(self, parent: GraphAnalysis, nodes, names, rename_dims):
         self.model = parent.model
-        self.nodes = nodes
-        self.producers = {o: n for n in nodes for o in n.output if o}
-        self.consumers = {}
-        for node in nodes:
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
-        self.order = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        self._index(nodes)
         self.known = parent.known | set(names.values())
         self.initializers = parent.initializers
         self.infos = parent.infos

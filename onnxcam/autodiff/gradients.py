@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import NotDifferentiableError, UnsupportedModelError, LayerNotFoundError
 from .analysis import GraphAnalysis, constant_values, known_tensors
 from .emitter import Emitter
-from .graph import captures, node_reads, topological
+from .graph import ancestors, captures, node_reads, topological
 from .registry import STANDARD, ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
 from .shapes import TensorInfo, infer_body_infos, infer_infos, make_value_info
 
@@ -286,16 +286,7 @@ def _touches(node, active) -> bool:
 
 def _feeds(score_tensor, producers) -> set:
     """Tensors the score depends on."""
-    seen, stack = {score_tensor}, [score_tensor]
-    while stack:
-        node = producers.get(stack.pop())
-        if node is None:
-            continue
-        for i in node_reads(node):
-            if i not in seen:
-                seen.add(i)
-                stack.append(i)
-    return seen
+    return ancestors([score_tensor], producers)
 
 
 _QUANTIZED = {op: ": quantized op, explain the float model instead" for op in (

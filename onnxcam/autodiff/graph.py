@@ -129,5 +129,21 @@ def overridable_initializers(graph: onnx.GraphProto) -> Set[str]:
     return {t.name for t in graph.initializer if t.name in inputs}
 
 
+def ancestors(outputs, producers: Dict[str, onnx.NodeProto], stop=frozenset()) -> Set[str]:
+    """The tensors `outputs` depend on (themselves included), through what nodes and their bodies
+    read; not looking past the `stop` tensors."""
+    seen, stack = set(outputs), list(outputs)
+    while stack:
+        name = stack.pop()
+        node = None if name in stop else producers.get(name)
+        if node is None:
+            continue
+        for i in node_reads(node):
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
 def producers_of(nodes: Iterable[onnx.NodeProto]) -> Dict[str, onnx.NodeProto]:
     return {out: node for node in nodes for out in node.output if out}
