@@ -100,9 +100,7 @@ class _ExplainActor:
     def __init__(self, model, spec, providers, threads, out_dir, options):
         import onnx
 
-        from .io.labels import labels_for_model
-        from .io.pipeline import ExplainRun, choose_preset, run_options
-        from .io.preprocess import Preprocessor, input_size
+        from .io.pipeline import ExplainRun, run_setup
         from .runtime import Explainer
 
         ray = _ray()
@@ -110,13 +108,9 @@ class _ExplainActor:
             model = onnx.load_from_string(ray.get(model))
         self.explainer = Explainer(model, spec=spec, providers=providers, threads=threads)
         e = self.explainer
-        preset, preset_source = choose_preset(e, options["preset"])
-        shape = input_size(e.input_shape, e.layout, options["size"])
-        pre = Preprocessor(size=shape, preset=preset, resize=options["resize"], bgr=options["bgr"] or None,
-                           layout=e.layout, channels=e.channels)
-        run = replace(run_options(e, preset, preset_source, shape, options["resize"]), model=options["model_label"],
-                      model_sha256=options["model_sha256"])
-        labels = labels_for_model(options["labels_path"], getattr(e, "n_classes", None))
+        pre, labels, run = run_setup(e, options["preset"], options["size"], options["resize"], options["bgr"],
+                                     options["labels_path"])
+        run = replace(run, model=options["model_label"], model_sha256=options["model_sha256"])
         self.max_pixels = options["max_pixels"]
         self.run = ExplainRun(e, pre, out_dir, labels=labels, class_index=options["class_index"],
                               top_k=options["top_k"], batch_size=options["batch_size"], alpha=options["alpha"],

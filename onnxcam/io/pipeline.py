@@ -559,20 +559,8 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
     With `report`, also writes index.html (io.report). Raises PartialRunError (with the records
     of the images that worked, already written) when some images could not be read or explained.
     `protected`: files no output may replace besides the photos (the model, labels, --input arrays)."""
-    from .labels import labels_for_model
-    from .preprocess import input_size
-
     out_dir = Path(os.fspath(out_dir))
-    preset, preset_source = choose_preset(explainer, preset)
-    on_info(preset_note(preset, preset_source))
-    if preset_source == "default":
-        on_warning(f"{explainer.label}: the model names no preprocessing preset (metadata onnxcam.preset); using "
-                   "imagenet (mean/std). If it was trained otherwise, pass --preset (see README, Preprocessing)")
-    shape = input_size(explainer.input_shape, explainer.layout, size)
-    pre = Preprocessor(size=shape, preset=preset, resize=resize, bgr=bgr or None, layout=explainer.layout,
-                       channels=explainer.channels)
-    labels = labels_for_model(labels_path, getattr(explainer, "n_classes", None), on_warning=on_warning)
-    options = run_options(explainer, preset, preset_source, shape, resize)
+    pre, labels, options = run_setup(explainer, preset, size, resize, bgr, labels_path, on_warning, on_info)
     many = len(sources) > 1
     run = ExplainRun(explainer, pre, out_dir, labels=labels, class_index=class_index, top_k=top_k,
                      batch_size=batch_size, alpha=alpha, colormap=colormap, max_pixels=max_pixels, inputs=inputs,
@@ -599,6 +587,26 @@ def explain_sources(explainer, sources, out_dir, *, preset=None, size=None, resi
                               f"the warnings above); explained the other {len(sources) - len(result.failures)}",
                               result.records)
     return result.records
+
+
+def run_setup(explainer, preset, size, resize, bgr, labels_path, on_warning=lambda message: None,
+              on_info=lambda message: None):
+    """What a run needs besides the images, for one Explainer: the preprocessor (preset from the
+    option, else the model's metadata, else imagenet — said, and warned about when defaulted),
+    the labels and the run's options. Shared by explain_sources and the Ray actors."""
+    from .labels import labels_for_model
+    from .preprocess import input_size
+
+    preset, preset_source = choose_preset(explainer, preset)
+    on_info(preset_note(preset, preset_source))
+    if preset_source == "default":
+        on_warning(f"{explainer.label}: the model names no preprocessing preset (metadata onnxcam.preset); using "
+                   "imagenet (mean/std). If it was trained otherwise, pass --preset (see README, Preprocessing)")
+    shape = input_size(explainer.input_shape, explainer.layout, size)
+    pre = Preprocessor(size=shape, preset=preset, resize=resize, bgr=bgr or None, layout=explainer.layout,
+                       channels=explainer.channels)
+    labels = labels_for_model(labels_path, getattr(explainer, "n_classes", None), on_warning=on_warning)
+    return pre, labels, run_options(explainer, preset, preset_source, shape, resize)
 
 
 def run_options(explainer, preset: str, preset_source: str, size, resize: str) -> RunOptions:
