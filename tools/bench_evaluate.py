@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 import onnxcam  # noqa: E402
 from onnxcam.evaluate import perturbation  # noqa: E402
 from onnxcam.evaluate.scoring import ScoreModel  # noqa: E402
+from bench_models import export_classifier  # noqa: E402  (tools/: the script's own folder)
 
 STEPS, IMAGES = 50, 8
 
@@ -46,18 +46,6 @@ def make_model(name):
 
     torch.manual_seed(0)
     return getattr(torchvision.models, name)(weights=None).eval()
-
-
-def export(net, path):
-    import onnx
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), path, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=13, dynamo=False)
-    proto = onnx.load(path)
-    proto.ir_version = min(proto.ir_version, 8)
-    onnx.save(proto, path)
 
 
 def photos():
@@ -114,7 +102,7 @@ def main(argv=None) -> int:
         net = make_model(name)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"{name}.onnx")
-            export(net, path)
+            export_classifier(net, path)
             result = onnxcam.Explainer(path, method="gradcam")(x)
             maps, classes = result.cam, result.class_index
             layout = ScoreModel(path)

@@ -220,6 +220,22 @@ MODELS: Dict[str, BenchModel] = {
 }
 
 
+def export_classifier(net: nn.Module, path) -> None:
+    """A 224x224 classifier as the evaluation tools use it: legacy exporter, opset 13, dynamic
+    batch, input "input", output "logits", IR version capped for onnxruntime."""
+    import warnings
+
+    import onnx
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), path, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=13, dynamo=False)
+    proto = onnx.load(path)
+    proto.ir_version = min(proto.ir_version, 8)
+    onnx.save(proto, path)
+
+
 def module_at(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 

