@@ -94,6 +94,33 @@ def test_eigencam_builds_no_backward_pass_and_ignores_the_class(resnet):
     np.testing.assert_array_equal(explainer(x, class_index=[1, 2]).cam, explainer(x, class_index=[7, 3]).cam)
 
 
+def test_eigencam_of_a_constant_feature_map_is_zero_not_nan(tmp_path):
+    """Layer2's and layer3's outputs dead (zero): the centred activations are zero in both of
+    principal_projection's branches (covariance at layer2: 8x8 > 32 channels; Gram at layer3:
+    4x4 < 48 channels). The map must come out zero, the residual finite."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet())
+    with torch.no_grad():
+        for block in (model.layer2, model.layer3):
+            block.bn2.bias[:] = -100.0
+            block.down[1].bias[:] = -100.0
+    path = export(model, tmp_path / "dead.onnx", SIZE)
+    relus = [l.name for l in onnxcam.layers(path) if l.op == "Relu"]
+    x = images(2, seed=3)
+    for layer in (relus[-3], relus[-1]):
+        augmented = onnxcam.augment(path, method="eigencam", layer=layer)
+        names = [o.name for o in augmented.graph.output]
+        outputs = dict(zip(names, session(augmented).run(None, {"input": x, CLASS_INPUT: np.full(2, -1, np.int64)})))
+        assert np.all(np.isfinite(outputs[f"{RESIDUAL_OUTPUT}__eigencam"]))
+        np.testing.assert_array_equal(outputs["onnxcam_cam"], np.zeros_like(outputs["onnxcam_cam"]))
+    # the same net alive gives a non-zero map through the same code (the test can fail)
+    alive = onnxcam.augment(export(randomise_batchnorm(TinyResNet()), tmp_path / "alive.onnx", SIZE),
+                            method="eigencam", layer=relus[-1])
+    names = [o.name for o in alive.graph.output]
+    cam = dict(zip(names, session(alive).run(None, {"input": x, CLASS_INPUT: np.full(2, -1, np.int64)})))["onnxcam_cam"]
+    assert np.all(cam.max(axis=(1, 2)) > 0.5)
+
+
 # ---------------------------------------------------------------------- re-runs
 @pytest.mark.parametrize("net,chunk_size", [("resnet", 1), ("resnet", 5), ("resnet", 200), ("dead_resnet", 5)])
 def test_scorecam_matches_pytorch_grad_cam_recipe(request, net, chunk_size):

@@ -35,6 +35,7 @@ from ...errors import UsageError
 
 SIGNS = ("corrected", "raw")
 TINY = 1e-30  # keeps an all-zero (constant) feature map at a zero map instead of NaN
+SHIFT = 1e-7  # identity added to the unit-norm matrix: eigenvalues move by float32 rounding, vectors not at all
 
 
 def principal_projection(emit, X: str, squarings: int = 10, refinements: int = 4,
@@ -53,7 +54,12 @@ def principal_projection(emit, X: str, squarings: int = 10, refinements: int = 4
     size = hw if gram else c
     if not isinstance(size, int):
         raise UsageError("eigen-CAM needs the channel count or the spatial size of the layer to be known")
-    m0 = _unit(e, m0)
+    # Unit norm, then + SHIFT * I: the same eigenvectors, and a zero matrix (constant feature map)
+    # becomes a multiple of the identity, whose every direction is an eigenvector: the map comes
+    # out zero instead of 0/0, and no later step needs a guard (each normalised power of a PSD
+    # matrix whose top eigenvalue is >= SHIFT keeps a norm far from zero).
+    m0 = e.op("Div", m0, e.op("Add", _norm(e, m0), e.scalar(TINY, m0)))
+    m0 = e.op("Add", m0, e.const(SHIFT * np.eye(size, dtype=np.float32), TensorProto.FLOAT))
     m = m0
     for _ in range(int(squarings)):
         m = _unit(e, e.op("MatMul", m, m))
@@ -72,7 +78,7 @@ def principal_projection(emit, X: str, squarings: int = 10, refinements: int = 4
     residual = e.reshape(residual, [n])
     if gram:  # X v = X X^T u / ||X^T u||
         xtu = e.op("MatMul", transposed, v)  # [N, C, 1]
-        direction = _unit(e, xtu)
+        direction = e.op("Div", xtu, e.op("Add", _norm(e, xtu), e.scalar(TINY, xtu)))  # X = 0 -> 0
         projection = e.op("MatMul", centred, direction)
     else:
         projection = e.op("MatMul", centred, v)  # [N, hw, 1]
@@ -86,8 +92,10 @@ def principal_projection(emit, X: str, squarings: int = 10, refinements: int = 4
 
 
 def _norm(e, x):
-    return e.op("Sqrt", e.reduce("ReduceSum", e.op("Mul", x, x), [1, 2], keepdims=True))
+    return e.reduce("ReduceL2", x, [1, 2], keepdims=True)
 
 
 def _unit(e, x):
-    return e.op("Div", x, e.op("Add", _norm(e, x), e.scalar(TINY, x)))
+    """x / ||x|| per image. Two nodes: the chain runs ~20 of these on small matrices, where ONNX
+    Runtime's per-node dispatch, not arithmetic, is the cost. Callers make sure x is never zero."""
+    return e.op("Div", x, _norm(e, x))
