@@ -552,3 +552,48 @@ def test_a_scripted_torch_export_with_a_data_dependent_loop_matches_torch(batch)
     assert rel_err(result.outputs["logits"], logits) < 1e-5
     assert np.array_equal(result.class_index, classes)
     assert np.abs(result.cam - reference_cam("gradcam", pairs, (8, 8))).max() < 1e-4
+
+
+# ------------------------------------------------------------------------------ automatic layer
+def _pooled_classifier(inline: bool):
+    """x -> Conv -> Relu (r) -> global average pool -> Gemm. With inline=False the pooling sits in
+    an If's branches, which read r from the outer scope (the If's only input is its condition)."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc")
+    pool = [helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["f"])]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    if inline:
+        nodes += pool
+    else:
+        def branch(name):
+            renamed = [helper.make_node(n.op_type, list(n.input), [f"{name}_{o}" for o in n.output]) for n in pool]
+            renamed[1].input[0] = f"{name}_p"
+            return helper.make_graph(renamed, name, [], [helper.make_tensor_value_info(f"{name}_f", TensorProto.FLOAT, None)])
+        nodes.append(helper.make_node("If", ["cond"], ["f"], then_branch=branch("then"), else_branch=branch("else")))
+        inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    nodes.append(helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1))
+    graph = helper.make_graph(nodes, "pooled", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
+                              [w, fc])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+def test_automatic_layer_sees_what_control_flow_bodies_read():
+    """The automatic layer used to ignore tensors read only inside an If's branches (no candidate
+    layer at all here); now the If model explains r exactly as the same model without the If."""
+    import onnxcam
+    from harness import session as ort_session
+
+    plain, branchy = _pooled_classifier(True), _pooled_classifier(False)
+    for model in (plain, branchy):
+        assert [l.name for l in onnxcam.layers(model) if l.auto] == ["r"]
+    x = np.random.default_rng(6).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    maps = []
+    for model, extra in ((plain, {}), (branchy, {"cond": np.array(True)})):
+        augmented = onnxcam.augment(model)
+        names = [o.name for o in augmented.graph.output]
+        feeds = {"x": x, "onnxcam_class": np.array([2], np.int64), **extra}
+        maps.append(dict(zip(names, ort_session(augmented).run(None, feeds)))["onnxcam_cam"])
+    assert maps[0].max() > 0.5  # not an all-zero map
+    np.testing.assert_allclose(maps[1], maps[0], atol=1e-6)

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import onnx
 
 from ..autodiff.analysis import GraphAnalysis
-from ..autodiff.gradients import _differentiable_inputs
+from ..autodiff.gradients import differentiable_reads
 from ..autodiff.registry import ZERO_GRADIENT_OPS
 from ..autodiff.shapes import TensorInfo
 from ..errors import LayerNotFoundError, UnsupportedModelError, UsageError
@@ -78,8 +78,7 @@ def differentiable_feeders(analysis: GraphAnalysis, score: str) -> set:
         node = producers.get(stack.pop())
         if node is None or node.op_type in ZERO_GRADIENT_OPS:
             continue
-        for i in _differentiable_inputs(node):
-            name = node.input[i]
+        for name in differentiable_reads(node):  # with the outer tensors If/Loop bodies read
             info = infos.get(name)
             if name and name not in seen and (info is None or info.dtype is None or info.is_float):
                 seen.add(name)
