@@ -203,5 +203,5 @@ def test_cli_masks_folder(model_path, tmp_path):
     assert record["pointing_game"] == 1.0 and record["energy_pointing_game"] == pytest.approx(1.0)
     cv2.imwrite(str(masks / "p.png"), np.zeros((SIZE + 1, SIZE), np.uint8))
     result = CliRunner().invoke(main, ["evaluate", str(model_path), str(photos), "--metrics", "pointing",
-                                       "--masks", str(masks), "-o", str(out)])
+                                       "--masks", str(masks), "-o", str(tmp_path / "out2")])
     assert result.exit_code == 2 and "mask is 16x17" in result.output

@@ -84,6 +84,22 @@ def test_an_earlier_report_is_refused_before_any_work(run):
     assert result.exit_code == 0, result.output
 
 
+def test_earlier_metrics_are_refused_without_a_report_too(run, tmp_path):
+    """Not only index.html: a run without --report must not replace an earlier run's metrics."""
+    x = positive_images(2)
+    first = onnxcam.evaluate(run["model"], x, methods="hirescam", metrics=["deletion"], steps=4, out_dir=tmp_path)
+    kept = {p: open(p, "rb").read() for p in first.written}
+    assert str(tmp_path / "metrics.jsonl") in kept
+    with pytest.raises(OutputError, match="metrics.jsonl: exists.*--overwrite"):
+        onnxcam.evaluate(run["model"], x, methods="hirescam", metrics=["deletion"], steps=4, out_dir=tmp_path)
+    assert all(open(p, "rb").read() == data for p, data in kept.items())
+    # another method's run into the same folder still writes its metrics over the shared files: refused
+    with pytest.raises(OutputError, match="exists"):
+        onnxcam.evaluate(run["model"], x, methods="gradcam", metrics=["deletion"], steps=4, out_dir=tmp_path)
+    onnxcam.evaluate(run["model"], x, methods="hirescam", metrics=["deletion"], steps=4, out_dir=tmp_path,
+                     overwrite=True)
+
+
 def test_api_report_needs_a_folder_and_writes_the_page(run, tmp_path):
     x = positive_images(2)
     with pytest.raises(UsageError, match="out_dir"):

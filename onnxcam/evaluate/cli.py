@@ -61,7 +61,7 @@ def _split(values) -> list:
 @click.option("--provider", metavar="P", help="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of ROAD's noise and the randomised weights.")
 @click.option("--report", is_flag=True, help="Also write index.html: the options, the metric tables and the plots.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run's index.html (default: refuse).")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier run in the output folder (default: refuse).")
 def evaluate_command(model, images, out_dir, methods, outside_maps, metrics, layer, output, class_index, score, steps,
                      deletion_baseline, insertion_baseline, road_noise, sanity_stages, boxes, masks,
                      pointing_tolerance, wsol_fraction, preset, size, resize, batch_size, provider, seed, report,

@@ -16,7 +16,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -52,9 +52,17 @@ def summary_table(evaluation) -> str:
     return "\n".join(lines)
 
 
+FIXED_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "metrics.png")
+
+
+def planned_files(names: Sequence[str], report: bool) -> List[str]:
+    """The file names a run over these methods/maps may write (a superset of what it writes)."""
+    return (["index.html"] if report else []) + list(FIXED_FILES) + [f"curves_{_safe(name)}.png" for name in names]
+
+
 def write_all(evaluation, out_dir, report: bool = False) -> List[Path]:
     """Every file of the run into out_dir; index.html last (and only with report=True) so that it
-    links only to files that exist. The caller has refused an earlier index.html already."""
+    links only to files that exist. The caller has refused an earlier run's files already."""
     out = Path(out_dir)
     written = [write_jsonl(evaluation, out / "metrics.jsonl"), write_csv(evaluation, out / "metrics.csv"),
                atomic_write_bytes(out / "summary.json", (json.dumps(_json_ready(evaluation.summary()), indent=2)

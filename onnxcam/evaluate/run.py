@@ -139,7 +139,7 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
     if isinstance(boxes, (str, os.PathLike)):
         boxes = localisation.load_boxes(boxes)
     metrics = _choose_metrics(metrics, has_truth=boxes is not None or masks is not None)
-    _check_output(out_dir, report, overwrite)  # before the long run
+    _check_output(out_dir, report, overwrite, methods + list(maps))  # before the long run
     scorer = ScoreModel(model, output=output, score=score, batch_size=batch_size, providers=providers,
                         score_fn=score_fn)
     source = MapSource(model, layer=layer, target=target, target_options=target_options, output=output,
@@ -171,18 +171,22 @@ def evaluate(model, images, methods: Union[str, Sequence[str]] = ("gradcam",), m
     return evaluation
 
 
-def _check_output(out_dir, report: bool, overwrite: bool) -> None:
-    """Refuse a report without a folder, or over an earlier run's index.html (explain's rule)."""
+def _check_output(out_dir, report: bool, overwrite: bool, names: Sequence[str]) -> None:
+    """Refuse a report without a folder, or files of an earlier run in the folder (explain's rule):
+    metrics, plots and the page alike, so a second run never replaces a first one's results."""
     if out_dir is None:
         if report:
             raise UsageError("evaluate(report=True) needs out_dir=: the folder for index.html and its plots")
         return
     from ..io.files import ensure_output_dir
+    from .report import planned_files
 
-    page = ensure_output_dir(out_dir) / "index.html"
-    if report and not overwrite and page.is_file():
-        raise OutputError(f"{page}: exists (from an earlier run?); choose another --out-dir or pass --overwrite "
-                          "to replace the earlier report")
+    folder = ensure_output_dir(out_dir)
+    earlier = [folder / name for name in planned_files(names, report) if (folder / name).is_file()]
+    if earlier and not overwrite:
+        more = f", with {len(earlier) - 1} more of its files" if len(earlier) > 1 else ""
+        raise OutputError(f"{earlier[0]}: exists (from an earlier run?{more}); choose another --out-dir or pass "
+                          "--overwrite to replace the earlier results")
 
 
 def _options(model, images: int, methods, maps, metrics, layer, class_index, output, score, batch_size, preset,
