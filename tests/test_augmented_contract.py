@@ -122,3 +122,28 @@ def test_sessions_open_without_warnings(models, tmp_path):
     noisy = {p: log for p, log in logs.items() if log}
     assert not noisy, "ONNX Runtime warns when opening augmented models:\n" + "\n".join(
         f"{p}: {log[:300]}" for p, log in noisy.items())
+
+
+def test_loop_methods_open_without_warnings(tmp_path):
+    """Methods whose samples or re-runs live in a Loop capture the weights. torch's exporter reads
+    equal zero biases through Identity nodes (the MobileNetV3-style net here has two), and ONNX
+    Runtime warned "Implicit input name ... cannot be safely updated" on every session until the
+    augmenter merged such aliases."""
+    import torch
+    from torch_nets import TinyMobileNetV3, export
+
+    torch.manual_seed(0)
+    original = export(TinyMobileNetV3(), tmp_path / "original.onnx", 64)
+    assert any(n.op_type == "Identity" for n in onnx.load(str(original)).graph.node)
+    paths = [original]
+    for method in ("smoothgrad", "integrated-gradients", "scorecam", "groupcam"):
+        paths.append(tmp_path / f"{method}.onnx")
+        augmented = onnxcam.augment(str(original), method=method)
+        assert any(n.op_type == "Loop" for n in augmented.graph.node)
+        onnx.save(augmented, paths[-1])
+    done = subprocess.run([sys.executable, "-c", OPEN_SESSIONS, *map(str, paths)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    logs = {path: log.strip() for path, _, log in
+            (section.partition("\n") for section in done.stderr.split("=== ")[1:])}
+    assert set(logs) == set(map(str, paths)) and not any(logs.values()), logs

@@ -147,3 +147,87 @@ def ancestors(outputs, producers: Dict[str, onnx.NodeProto], stop=frozenset()) -
 
 def producers_of(nodes: Iterable[onnx.NodeProto]) -> Dict[str, onnx.NodeProto]:
     return {out: node for node in nodes for out in node.output if out}
+
+
+def share_duplicate_captures(graph: onnx.GraphProto) -> int:
+    """Give constants that a subgraph reads from the outer scope one name per value.
+
+    ONNX Runtime's constant sharing merges equal constants (initializers, and Constant nodes,
+    which it turns into initializers) when a session starts, but it cannot rename a name that a
+    Loop/If body captures: it skips the merge and warns ("Implicit input name ... cannot be safely
+    updated") on every session. Exporters often leave several equal constants (the zero biases of
+    BatchNorm-folded convs), and our sampling and re-run Loops capture the weights, so we merge
+    those groups here: same dtype, dims and bytes. An Identity of a constant (torch's exporter
+    writes those for shared weights) is the same case: its readers read the constant itself.
+    Graph inputs (overridable initializers) and outputs keep their names. Returns how many names
+    were merged away."""
+    captured = set()
+    for node in graph.node:
+        if node.attribute:
+            captured |= captures(node)
+    fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
+    values = _constant_values(graph, fixed)
+    kinds = {(values[n].data_type, tuple(values[n].dims)) for n in captured if n in values}
+    groups: Dict[tuple, List[str]] = {}
+    for name, value in values.items():
+        kind = (value.data_type, tuple(value.dims))
+        if kind in kinds:
+            groups.setdefault(kind, []).append(name)
+    renames: Dict[str, str] = {}
+    for members in groups.values():
+        canonical: Dict[bytes, str] = {}
+        for name in members if len(members) > 1 else ():
+            value = onnx.TensorProto()
+            value.CopyFrom(values[name])
+            value.name = ""
+            first = canonical.setdefault(value.SerializeToString(deterministic=True), name)
+            if first != name:
+                renames[name] = first
+    for alias, source in _constant_aliases(graph, values, fixed).items():
+        if alias in captured:
+            renames[alias] = renames.get(source, source)
+    if not renames:
+        return 0
+    _rename_reads(graph, renames)
+    kept = [init for init in graph.initializer if init.name not in renames]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if not (n.op_type in ("Constant", "Identity") and n.output[0] in renames)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    infos = [info for info in graph.value_info if info.name not in renames]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    return len(renames)
+
+
+def _constant_aliases(graph: onnx.GraphProto, values, fixed: Set[str]) -> Dict[str, str]:
+    """Outputs of Identity nodes (chains included) whose input is a constant: output -> constant."""
+    aliases: Dict[str, str] = {}
+    for node in topological(graph):
+        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.output[0] not in fixed:
+            source = aliases.get(node.input[0], node.input[0])
+            if source in values:
+                aliases[node.output[0]] = source
+    return aliases
+
+
+def _constant_values(graph: onnx.GraphProto, fixed: Set[str]) -> Dict[str, onnx.TensorProto]:
+    """Initializers (stored in the file) first, then Constant nodes' tensors, by name."""
+    values = {init.name: init for init in graph.initializer
+              if init.name not in fixed and init.data_location != onnx.TensorProto.EXTERNAL}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in fixed:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    values.setdefault(node.output[0], attr.t)
+    return values
+
+
+def _rename_reads(graph: onnx.GraphProto, renames: Dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+        for body in subgraphs(node):
+            _rename_reads(body, renames)

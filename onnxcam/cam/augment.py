@@ -29,6 +29,7 @@ from .._version import __version__
 from ..autodiff.analysis import GraphAnalysis, merged
 from ..autodiff.gradients import add_gradients, check_opset, default_opset, flush, new_emitter, prune_unused
 from ..autodiff.registry import STANDARD
+from ..autodiff.graph import share_duplicate_captures
 from ..autodiff.shapes import TensorInfo, make_value_info
 from ..errors import UsageError
 from ..modelio import check_graph_structure, graph_errors, load_model
@@ -175,6 +176,7 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
         stacked = emit.op("Concat", *[emit.unsqueeze(t, [1]) for t in per_layer], axis=1)
         _expose(proto, emit, stacked, name, TensorProto.FLOAT, (image.shape[0], len(per_layer)))
     flush(emit, proto.graph)
+    share_duplicate_captures(proto.graph)  # keeps ONNX Runtime from warning about our Loops
     _record(proto, spec.methods, layers, out, score, choices_metadata(t.choices))
     return proto
 
