@@ -109,6 +109,24 @@ def test_scorecam_matches_pytorch_grad_cam_recipe(request, net, chunk_size):
     close(result.cam, expected)
 
 
+def test_scorecam_on_a_fixed_batch_model_pads_only_the_last_chunk(tmp_path):
+    """A fixed batch axis runs exactly N0 rows per chunk: the last chunk is padded by repeating
+    its last row and the padding's scores dropped (an odd number of rows to run, so it is)."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet()).eval()
+    path = str(tmp_path / "fixed.onnx")
+    torch.onnx.export(model, torch.randn(2, 3, SIZE, SIZE), path, opset_version=13, input_names=["input"],
+                      output_names=["output"], dynamo=False)
+    x = images(2, seed=3)
+    pairs, classes, _ = activations_and_gradients(model, [model.layer3], x, None)
+    A = pairs[0][0]
+    assert (A.max(axis=(2, 3)) > 0).sum() % 2 == 1  # rows to run over both images: odd, the last chunk padded
+    expected = ref.through_pipeline((ref.scorecam_weights(model, A, x, classes)[:, :, None, None] * A).sum(1), SIZE)
+    result = onnxcam.Explainer(path, method="scorecam", layer=[l.name for l in onnxcam.layers(path)
+                                                               if l.op == "Relu"][-1])(x)
+    close(result.cam, expected)
+
+
 @pytest.mark.parametrize("net,where", [("resnet", "block output"), ("resnet", "inside a residual block"),
                                        ("dead_resnet", "block output")])
 def test_ablationcam_reruns_only_the_tail(request, net, where):

@@ -10,9 +10,10 @@ Rows: the pairs (variant k, image n), numbered r = k * N + n. Those whose score 
 a run are skipped (Score-CAM: an all-zero channel masks the input to zeros, one shared run of
 the zero image scores all of them; Ablation-CAM: ablating an all-zero channel changes nothing).
 The others run ``chunk_size`` rows at a time (default 32, pytorch-grad-cam's batch size for one
-image) as the body of an ONNX ``Loop`` (the last chunk padded by repeating the last row), so peak
-memory grows with `chunk_size`, not with K * N; batches of several images share the chunks. A
-model whose batch axis is a fixed number N0 runs N0 rows at a time.
+image) as the body of an ONNX ``Loop`` (the last chunk runs only the rows left), so peak memory
+grows with `chunk_size`, not with K * N; batches of several images share the chunks. A model
+whose batch axis is a fixed number N0 runs N0 rows at a time (its last chunk padded by repeating
+the last row).
 
 The score of a variant is the target's score, read the way the target defines it: for the
 targets whose score is linear in the differentiated tensor T (class, segmentation, sequence:
@@ -111,7 +112,9 @@ class Reruns:
     # ------------------------------------------------------------------ pieces
     def _run_rows(self, replaced, rows, n, chunk, make, probabilities, tag) -> str:
         """Scores of the variant/image pairs `rows` (int64 [M], r = variant * N + image): an ONNX
-        Loop over chunks of `chunk` rows (the last one padded by repeating row M-1), [M]."""
+        Loop over chunks of `chunk` rows, [M]. The last chunk runs only the rows that are left (a
+        fixed batch axis: padded by repeating row M-1, its extra scores dropped); the scores are
+        carried from iteration to iteration and concatenated, so no run is spent on padding."""
         e = self.emit
         sides = self._side_inputs(replaced, probabilities)
         m = e.op("Shape", rows)  # [1]
@@ -119,13 +122,22 @@ class Reruns:
         outer_nodes, outer_shapes = e.nodes, e._shape_cache
         e.nodes, e._shape_cache = [], {}  # nodes (and cached Shape nodes) of the body
         try:
-            step, condition = e.fresh("iteration"), e.fresh("condition")
+            step, condition, done = e.fresh("iteration"), e.fresh("condition"), e.fresh(f"{tag}_done")
             e.set_info(step, TensorProto.INT64, ())
-            span = e.op("Add", e.op("Range", _i64(e, 0), _i64(e, chunk), _i64(e, 1)), e.op("Mul", step, _i64(e, chunk)))
-            last = e.op("Sub", e.squeeze(m, [0]), _i64(e, 1))
-            picked = e.op("Gather", rows, e.op("Where", e.op("Greater", span, last), last, span), axis=0)
+            e.set_info(done, TensorProto.FLOAT, (None,))
+            start = e.op("Mul", step, _i64(e, chunk))
+            end = e.op("Min", e.op("Add", start, _i64(e, chunk)), e.squeeze(m, [0]))
+            if self.fixed is None:
+                picked = e.op("Gather", rows, e.op("Range", start, end, _i64(e, 1)), axis=0)
+            else:  # exactly `chunk` rows per run: the last one repeated
+                span = e.op("Range", start, e.op("Add", start, _i64(e, chunk)), _i64(e, 1))
+                last = e.op("Sub", e.squeeze(m, [0]), _i64(e, 1))
+                picked = e.op("Gather", rows, e.op("Min", span, last), axis=0)
             variants, images = e.op("Div", picked, n), e.op("Mod", picked, n)
             scores = self._chunk_scores(replaced, variants, images, chunk, make, sides, probabilities, tag)
+            if self.fixed is not None:
+                scores = e.op("Slice", scores, e.ints([0]), e.unsqueeze(e.op("Sub", end, start), [0]), e.ints([0]))
+            scores = e.op("Concat", done, scores, axis=0)
             keep_going = e.op("Identity", condition)
             body_nodes = e.nodes
         finally:
@@ -133,13 +145,15 @@ class Reruns:
         body = helper.make_graph(
             body_nodes, e.fresh(f"{tag}_body"),
             [helper.make_tensor_value_info(step, TensorProto.INT64, []),
-             helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
+             helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
+             helper.make_tensor_value_info(done, TensorProto.FLOAT, [None])],
             [helper.make_tensor_value_info(keep_going, TensorProto.BOOL, []),
-             helper.make_tensor_value_info(scores, TensorProto.FLOAT, [chunk])])
-        stacked = e.fresh(f"{tag}_scores")  # Loop needs its (empty) condition input: not through e.op
-        e.nodes.append(helper.make_node("Loop", [runs, ""], [stacked], name=e.fresh(f"{tag}_loop"), body=body))
-        flat = e.op("Reshape", stacked, e.ints([-1]))  # Loop stacks: [runs, chunk]
-        return e.op("Slice", flat, e.ints([0]), m, e.ints([0]))
+             helper.make_tensor_value_info(scores, TensorProto.FLOAT, [None])])
+        scored = e.fresh(f"{tag}_scores")  # Loop needs its (empty) condition input: not through e.op
+        none_yet = e.const(np.zeros(0, np.float32), TensorProto.FLOAT)
+        e.nodes.append(helper.make_node("Loop", [runs, "", none_yet], [scored], name=e.fresh(f"{tag}_loop"),
+                                        body=body))
+        return e.set_info(scored, TensorProto.FLOAT, (None,))
 
     def _outputs(self, probabilities) -> List[str]:
         return [self.seeded] + ([self.score_tensor] if probabilities and self.score_tensor != self.seeded else [])
