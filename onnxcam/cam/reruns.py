@@ -76,14 +76,17 @@ class Reruns:
 
     def scores(self, replaced: str, count: int, make: Callable[[str, str], str], chunk_size: Optional[int] = None,
                probabilities: bool = False, skip: Optional[str] = None, skip_score: Optional[str] = None,
-               tag: str = "rerun") -> str:
+               same_as: Optional[str] = None, tag: str = "rerun") -> str:
         """float32 [count, N]: the score of each of `count` variants of `replaced` per image.
 
         `make(variants, images)` emits, for int64 [R] variant and image indices, a tensor shaped
         like `replaced` with R rows: row r is variant variants[r] of image images[r]. `skip`
         (bool [count, N]) marks variants whose score is known without a run: `skip_score` (float32
-        [N]); only the others are run, packed `chunk_size` rows per run. With `probabilities`,
-        the score is the softmax probability of the explained class (class target: Group-CAM's)."""
+        [N]). `same_as` (int64 [count, N]) names, per variant, a variant of the same image that
+        `make` builds identically (itself when none; it must name one that runs and names itself):
+        it takes that one's score. Only the others are run, packed `chunk_size` rows per run. With
+        `probabilities`, the score is the softmax probability of the explained class (class
+        target: Group-CAM's)."""
         e = self.emit
         if probabilities and self.spec.target != "class":
             raise UsageError("this method scores by class probabilities: it needs the class target")
@@ -93,21 +96,31 @@ class Reruns:
         chunk = int(chunk) if self.fixed is None else self.fixed  # a fixed batch axis holds exactly its N rows
         n = _scalar(e, e.dims(self.image.name)[0])
         total = e.op("Mul", n, _i64(e, count))
-        if skip is None:
+        if skip is None and same_as is None:
             rows = e.op("Range", _i64(e, 0), total, _i64(e, 1))  # r = variant * N + image, all of them
+            return e.op("Reshape", self._run_rows(replaced, rows, n, chunk, make, probabilities, tag),
+                        e.ints([count, -1]))
+        needed = None if skip is None else e.op("Not", e.reshape(skip, [-1]))  # [count * N]: score not known
+        if same_as is not None:
+            first = e.reshape(e.op("Equal", same_as, e.const(np.arange(count, dtype=np.int64).reshape(count, 1),
+                                                              TensorProto.INT64)), [-1])
+            keep = first if needed is None else e.op("And", needed, first)
         else:
-            keep = e.op("Not", e.reshape(skip, [-1]))
-            rows = e.squeeze(e.op("NonZero", keep), [0])  # the rows to run, in order
+            keep = needed
+        rows = e.squeeze(e.op("NonZero", keep), [0])  # the rows to run, in order
         compact = self._run_rows(replaced, rows, n, chunk, make, probabilities, tag)  # float32 [M]
-        if skip is not None:
-            # back to every row: a run's score where it ran, skip_score elsewhere (no scatter)
-            position = e.op("Sub", e.op("CumSum", e.cast(keep, TensorProto.INT64), _i64(e, 0)), _i64(e, 1))
-            position = e.op("Where", e.op("Less", position, _i64(e, 0)), _i64(e, 0), position)
-            padded = e.op("Concat", compact, e.const(np.zeros(1, np.float32), TensorProto.FLOAT), axis=0)
-            ran = e.op("Gather", padded, position, axis=0)
-            known = _float32(e, e.op("Expand", e.unsqueeze(skip_score, [0]), e.op("Shape", skip)))
-            compact = e.op("Where", keep, ran, e.reshape(known, [-1]))
-        return e.op("Reshape", compact, e.ints([count, -1]))
+        # back to every row: the score of the run it shares (its own, or same_as's), no scatter
+        position = e.op("Sub", e.op("CumSum", e.cast(keep, TensorProto.INT64), _i64(e, 0)), _i64(e, 1))
+        if same_as is not None:  # row r = variant * N + image takes row same_as[variant, image] * N + image
+            image = e.op("Mod", e.op("Range", _i64(e, 0), total, _i64(e, 1)), n)
+            position = e.op("Gather", position, e.op("Add", e.op("Mul", e.reshape(same_as, [-1]), n), image), axis=0)
+        position = e.op("Where", e.op("Less", position, _i64(e, 0)), _i64(e, 0), position)
+        padded = e.op("Concat", compact, e.const(np.zeros(1, np.float32), TensorProto.FLOAT), axis=0)
+        ran = e.op("Gather", padded, position, axis=0)
+        if skip is not None:  # skip_score where the score is known without a run
+            given = _float32(e, e.op("Expand", e.unsqueeze(skip_score, [0]), e.op("Shape", skip)))
+            ran = e.op("Where", needed, ran, e.reshape(given, [-1]))
+        return e.op("Reshape", ran, e.ints([count, -1]))
 
     # ------------------------------------------------------------------ pieces
     def _run_rows(self, replaced, rows, n, chunk, make, probabilities, tag) -> str:
