@@ -44,6 +44,23 @@ def dead_resnet(tmp_path_factory):
     return model, path, {"layer3": [l.name for l in onnxcam.layers(path) if l.op == "Relu"][-1]}
 
 
+@pytest.fixture(scope="module")
+def twin_resnet(tmp_path_factory):
+    """Channels 8-15 of layer3's output are 2x (12-15: 4x) channels 0-7, to the bit: their Score-CAM
+    masks are the same, one run serves each pair."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet())
+    with torch.no_grad():
+        for conv, bn in ((model.layer3.conv2, model.layer3.bn2), (model.layer3.down[0], model.layer3.down[1])):
+            conv.weight[8:16] = conv.weight[0:8]
+            bn.running_mean[8:16], bn.running_var[8:16] = bn.running_mean[0:8], bn.running_var[0:8]
+            for scale, part in ((2.0, slice(8, 12)), (4.0, slice(12, 16))):
+                twin = slice(part.start - 8, part.stop - 8)
+                bn.weight[part], bn.bias[part] = scale * bn.weight[twin], scale * bn.bias[twin]
+    path = export(model, tmp_path_factory.mktemp("gradient_free_twin") / "resnet.onnx", SIZE)
+    return model, path, {"layer3": [l.name for l in onnxcam.layers(path) if l.op == "Relu"][-1]}
+
+
 def images(n, seed=0, uniform=False):
     rng = np.random.default_rng(seed)
     shape = (n, 3, SIZE, SIZE)
@@ -122,17 +139,70 @@ def test_eigencam_of_a_constant_feature_map_is_zero_not_nan(tmp_path):
 
 
 # ---------------------------------------------------------------------- re-runs
-@pytest.mark.parametrize("net,chunk_size", [("resnet", 1), ("resnet", 5), ("resnet", 200), ("dead_resnet", 5)])
+@pytest.mark.parametrize("net,chunk_size", [("resnet", 1), ("resnet", 5), ("resnet", 200), ("dead_resnet", 5),
+                                           ("twin_resnet", 5)])
 def test_scorecam_matches_pytorch_grad_cam_recipe(request, net, chunk_size):
     model, path, layers = request.getfixturevalue(net)
     x = images(2)
     pairs, classes, _ = activations_and_gradients(model, [model.layer3], x, None)
     A = pairs[0][0]
     assert (A.max(axis=(2, 3)) == 0).sum() >= (16 if net == "dead_resnet" else 1)  # all-zero channels: skipped runs
+    if net == "twin_resnet":  # twins with a non-zero map share a run
+        assert np.array_equal(A[:, 8:12], 2 * A[:, :4]) and (A[:, :8].max(axis=(2, 3)) > 0).sum() >= 8
     weights = ref.scorecam_weights(model, A, x, classes)
     expected = ref.through_pipeline((weights[:, :, None, None] * A).sum(1), SIZE)
     result = onnxcam.Explainer(path, method="scorecam", layer=layers["layer3"],
                                method_options={"scorecam": {"chunk_size": chunk_size}})(x)
+    close(result.cam, expected)
+
+
+def test_scorecam_finds_the_channels_with_the_same_scaled_map():
+    """_same_scaled_maps against numpy: the first channel of the same image with exactly the same
+    min-max scaled map and a range >= SCORECAM_SAME_RANGE, else the channel itself."""
+    from onnx import TensorProto, helper
+    from onnxcam.autodiff.emitter import Emitter
+    from onnxcam.autodiff.shapes import TensorInfo
+    from onnxcam.cam.methods.perturbation import SCORECAM_SAME_RANGE, _same_scaled_maps
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, (2, 12, 3, 4)).astype(np.float32)
+    a[:, 3] = 0.0
+    a[:, 3, 1, 2] = 5.0  # one-pixel channels: 3, 7 (image 0 only), 9, 11 (twice 3, at a tiny range)
+    a[0, 7], a[:, 9], a[:, 11] = a[0, 3] * 0.25, a[:, 3] * 2.0, a[:, 3] * 1e-4
+    a[:, 5] = 3 * a[:, 1] + 1  # the same map shifted and scaled (exact only up to rounding: compared as is)
+    a[1, 10] = a[0, 2]  # image 1's channel 10 is image 0's channel 2: images do not mix
+    a[:, 8] = 0.0  # all-zero: range 0, never merged
+    e = Emitter(13, {"A": TensorInfo(TensorProto.FLOAT, ("N", 12, 3, 4))}, {"A"})
+    same = _same_scaled_maps(e, "A", 12)
+    graph = helper.make_graph(e.nodes, "same", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["N", 12, 3, 4])],
+                              [helper.make_tensor_value_info(same, TensorProto.INT64, [12, "N"])], e.initializers)
+    got = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)).run(
+        None, {"A": a})[0]
+    flat = a.reshape(2, 12, -1)
+    low, spread = flat.min(2, keepdims=True), np.ptp(flat, 2, keepdims=True)
+    scaled = (flat - low) / np.where(spread > 0, spread, 1)
+    expected = np.array([[next(j for j in range(12) if j == c or (spread[n, j, 0] >= SCORECAM_SAME_RANGE and spread[
+        n, c, 0] >= SCORECAM_SAME_RANGE and np.array_equal(scaled[n, j], scaled[n, c]))) for n in range(2)]
+        for c in range(12)])
+    assert expected[7, 0] == 3 and expected[9, 1] == 3 and expected[11, 0] == 11 and expected[10, 1] == 10
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_scorecam_on_a_fixed_batch_model_pads_only_the_last_chunk(tmp_path):
+    """A fixed batch axis runs exactly N0 rows per chunk: the last chunk is padded by repeating
+    its last row and the padding's scores dropped (an odd number of rows to run, so it is)."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyResNet()).eval()
+    path = str(tmp_path / "fixed.onnx")
+    torch.onnx.export(model, torch.randn(2, 3, SIZE, SIZE), path, opset_version=13, input_names=["input"],
+                      output_names=["output"], dynamo=False)
+    x = images(2, seed=3)
+    pairs, classes, _ = activations_and_gradients(model, [model.layer3], x, None)
+    A = pairs[0][0]
+    assert (A.max(axis=(2, 3)) > 0).sum() % 2 == 1  # rows to run over both images: odd, the last chunk padded
+    expected = ref.through_pipeline((ref.scorecam_weights(model, A, x, classes)[:, :, None, None] * A).sum(1), SIZE)
+    result = onnxcam.Explainer(path, method="scorecam", layer=[l.name for l in onnxcam.layers(path)
+                                                               if l.op == "Relu"][-1])(x)
     close(result.cam, expected)
 
 

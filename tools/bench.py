@@ -13,7 +13,12 @@ batch 1 and 8, 224x224, it times in one ONNX Runtime setting (intra-op threads f
 ONNX Runtime sessions of one model are timed round-robin (plain, then each augmented model, in
 turn, run after run), so a neighbour's load on a shared machine hits all of them alike; the
 ratio "x plain" compares medians. Peak RSS is measured per configuration in a fresh subprocess
-(ru_maxrss of a child that loads the session, or builds the torch explainer, and runs it).
+(VmHWM of a child that loads the session, or builds the torch explainer, and runs it); "RSS x
+plain" divides it by plain inference's at the same batch N, "RSS x plain@eff" by plain
+inference's at the configuration's effective batch (the rows one pass pushes through the network
+at once: samples per chunk x N for sampled methods, e.g. integrated-gradients:samples_per_chunk=8;
+chunk_size for Score-CAM and Group-CAM, which re-run the whole network; see effective_batch), also measured in a fresh child.
+--methods takes options as "method:option=value" (one configuration each).
 PyTorch explainers are timed in that same child. The CUDA provider (and torch's CUDA device) is
 used when it loads.
 
@@ -360,17 +365,18 @@ def bench(args):
                         times[i].append(t1 - t0)
                         cpu[i].append(c1 - c0)
             for i in [i for i in range(len(configs)) if i not in fast and ":" not in configs[i][1]] if batch == 1 else []:
-                log(f"[{name}] batch 1: {configs[i][1]}, {args.slow_runs} run(s) after one warm-up")
+                log(f"[{name}] batch 1: {configs[i][1]}, {args.slow_runs} run(s) after {args.slow_warmup} warm-up(s)")
                 session, feeds = configs[i][3], _feeds(configs[i][3], x)
-                for r in range(1 + args.slow_runs):
+                for r in range(args.slow_warmup + args.slow_runs):
                     c0, t0 = time.process_time(), time.perf_counter()
                     session.run(None, feeds)
                     t1, c1 = time.perf_counter(), time.process_time()
-                    if r >= 1:
+                    if r >= args.slow_warmup:
                         times[i].append(t1 - t0)
                         cpu[i].append(c1 - c0)
             base = statistics.median(times[0])
             base_cpu = statistics.median(cpu[0])
+            plain_rss = {}  # effective batch -> peak RSS of plain inference at that batch (fresh child)
             for i, (target, method, aug_path, _, seconds) in enumerate(configs):
                 extra = ":" in method  # peak memory (and one timed run) in the fresh child only
                 if not times[i] and not (extra and batch == 1):
@@ -392,6 +398,14 @@ def bench(args):
                                    x_plain=child["median_ms"] / (1e3 * base))
                     if "error" in child:
                         row["error"] = child["error"]
+                    eff = row["eff_batch"] = effective_batch(method, batch)
+                    if method == "plain":
+                        plain_rss[eff] = row["rss_mb"]
+                    if eff not in plain_rss:
+                        plain_rss[eff] = run_child({"kind": "ort", "model": path, "batch": eff, "threads": args.threads,
+                                                    "providers": providers, "warmup": 1, "runs": 2},
+                                                   args.child_timeout).get("rss_mb")
+                    row["plain_rss_eff_mb"] = plain_rss[eff]
                 rows.append(row)
 
             # PyTorch explainers, each in its own fresh process (timing and peak RSS together).
@@ -403,7 +417,7 @@ def bench(args):
                     if target != "last" and explainer not in ("GradCAM", "LayerGradCam"):
                         continue
                     counterpart = TORCH_EXPLAINERS[explainer][1]
-                    if counterpart is not None and counterpart not in methods:
+                    if counterpart is not None and counterpart not in [m.split(":")[0] for m in methods]:
                         continue  # a PyTorch explainer runs when its onnxcam counterpart is benchmarked
                     slow = explainer in SLOW_EXPLAINERS
                     if slow and (batch != 1 or args.quick or name not in args.scorecam.split(",")):
@@ -447,6 +461,30 @@ def _method_and_options(config):
     return {"method": method, **({"method_options": {method: parsed}} if parsed else {})}
 
 
+def effective_batch(config, batch):
+    """The rows one pass of the augmented model pushes through the network at once, the batch a
+    plain inference is measured at for "RSS x plain@eff": N for single-pass methods; samples per
+    chunk x N for the sampled ones (integrated-gradients: its 32 steps unless samples_per_chunk);
+    chunk_size rows (default 32, shared by the batch's images) for the methods that re-run the model."""
+    import inspect
+
+    from onnxcam.cam.methods.registry import get_method
+    from onnxcam.cam.reruns import DEFAULT_CHUNK
+
+    if config == "plain":
+        return batch
+    options = _method_and_options(config).get("method_options", {})
+    method = get_method(config.split(":")[0])
+    options = options.get(method.name, {})
+    if method.needs.reruns and method.name != "ablationcam":  # (Ablation-CAM re-runs only the tail)
+        return options.get("chunk_size", DEFAULT_CHUNK)
+    if method.needs.samples:
+        defaults = {k: p.default for k, p in inspect.signature(method.fn).parameters.items()}
+        count = options.get("steps", options.get("samples", defaults.get("steps", defaults.get("samples"))))
+        return (options.get("samples_per_chunk") or count) * batch
+    return batch
+
+
 def _ratios(rows):
     """Peak RSS against plain inference; PyTorch explainer time against its onnxcam counterpart."""
     plain = {(r["model"], r["batch"]): r for r in rows if r["method"] == "plain"}
@@ -455,8 +493,12 @@ def _ratios(rows):
         base = plain.get((r["model"], r["batch"]))
         if base and r.get("rss_mb") and base.get("rss_mb"):
             r["rss_x_plain"] = r["rss_mb"] / base["rss_mb"]
+        if r.get("rss_mb") and r.get("plain_rss_eff_mb"):
+            r["rss_x_eff"] = r["rss_mb"] / r["plain_rss_eff_mb"]
         if r["method"] in TORCH_EXPLAINERS and TORCH_EXPLAINERS[r["method"]][1] and r.get("median_ms"):
             counterpart = ours.get((r["model"], r["target"], r["batch"], TORCH_EXPLAINERS[r["method"]][1]))
+            counterpart = counterpart or next((v for k, v in ours.items() if k[:3] == (r["model"], r["target"], r["batch"])
+                                               and k[3].split(":")[0] == TORCH_EXPLAINERS[r["method"]][1]), None)
             if counterpart:
                 r["vs_onnxcam"] = r["median_ms"] / counterpart["median_ms"]
                 r["onnxcam_method"] = TORCH_EXPLAINERS[r["method"]][1]
@@ -467,7 +509,9 @@ COLUMNS = [("model", "model", "{}"), ("target", "target", "{}"), ("batch", "batc
            ("method", "method", "{}"), ("median_ms", "median ms", "{:.1f}"), ("min_ms", "min ms", "{:.1f}"),
            ("x_plain", "x plain", "{:.3f}"), ("cpu_x_plain", "cpu x plain", "{:.3f}"),
            ("vs_onnxcam", "torch/onnxcam", "{:.2f}"), ("rss_mb", "peak RSS MB", "{:.0f}"),
-           ("rss_x_plain", "RSS x plain", "{:.2f}"), ("augment_s", "augment s", "{:.2f}")]
+           ("rss_x_plain", "RSS x plain", "{:.2f}"), ("eff_batch", "eff. batch", "{}"),
+           ("plain_rss_eff_mb", "plain@eff RSS MB", "{:.0f}"), ("rss_x_eff", "RSS x plain@eff", "{:.2f}"),
+           ("augment_s", "augment s", "{:.2f}")]
 
 
 def table(rows):
@@ -519,6 +563,8 @@ def main(argv=None):
                         help="models on which Score-CAM's peak RSS is measured for two chunk sizes")
     parser.add_argument("--slow-runs", type=int, default=1,
                         help="timed runs of the methods that re-run the model per channel (batch 1 only)")
+    parser.add_argument("--slow-warmup", type=int, default=1,
+                        help="untimed runs before those (0: the first run is timed; the session is already built)")
     parser.add_argument("--child-timeout", type=float, default=300.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

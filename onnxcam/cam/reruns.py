@@ -10,9 +10,10 @@ Rows: the pairs (variant k, image n), numbered r = k * N + n. Those whose score 
 a run are skipped (Score-CAM: an all-zero channel masks the input to zeros, one shared run of
 the zero image scores all of them; Ablation-CAM: ablating an all-zero channel changes nothing).
 The others run ``chunk_size`` rows at a time (default 32, pytorch-grad-cam's batch size for one
-image) as the body of an ONNX ``Loop`` (the last chunk padded by repeating the last row), so peak
-memory grows with `chunk_size`, not with K * N; batches of several images share the chunks. A
-model whose batch axis is a fixed number N0 runs N0 rows at a time.
+image) as the body of an ONNX ``Loop`` (the last chunk runs only the rows left), so peak memory
+grows with `chunk_size`, not with K * N; batches of several images share the chunks. A model
+whose batch axis is a fixed number N0 runs N0 rows at a time (its last chunk padded by repeating
+the last row).
 
 The score of a variant is the target's score, read the way the target defines it: for the
 targets whose score is linear in the differentiated tensor T (class, segmentation, sequence:
@@ -75,14 +76,17 @@ class Reruns:
 
     def scores(self, replaced: str, count: int, make: Callable[[str, str], str], chunk_size: Optional[int] = None,
                probabilities: bool = False, skip: Optional[str] = None, skip_score: Optional[str] = None,
-               tag: str = "rerun") -> str:
+               same_as: Optional[str] = None, tag: str = "rerun") -> str:
         """float32 [count, N]: the score of each of `count` variants of `replaced` per image.
 
         `make(variants, images)` emits, for int64 [R] variant and image indices, a tensor shaped
         like `replaced` with R rows: row r is variant variants[r] of image images[r]. `skip`
         (bool [count, N]) marks variants whose score is known without a run: `skip_score` (float32
-        [N]); only the others are run, packed `chunk_size` rows per run. With `probabilities`,
-        the score is the softmax probability of the explained class (class target: Group-CAM's)."""
+        [N]). `same_as` (int64 [count, N]) names, per variant, a variant of the same image that
+        `make` builds identically (itself when none; it must name one that runs and names itself):
+        it takes that one's score. Only the others are run, packed `chunk_size` rows per run. With
+        `probabilities`, the score is the softmax probability of the explained class (class
+        target: Group-CAM's)."""
         e = self.emit
         if probabilities and self.spec.target != "class":
             raise UsageError("this method scores by class probabilities: it needs the class target")
@@ -92,26 +96,38 @@ class Reruns:
         chunk = int(chunk) if self.fixed is None else self.fixed  # a fixed batch axis holds exactly its N rows
         n = _scalar(e, e.dims(self.image.name)[0])
         total = e.op("Mul", n, _i64(e, count))
-        if skip is None:
+        if skip is None and same_as is None:
             rows = e.op("Range", _i64(e, 0), total, _i64(e, 1))  # r = variant * N + image, all of them
+            return e.op("Reshape", self._run_rows(replaced, rows, n, chunk, make, probabilities, tag),
+                        e.ints([count, -1]))
+        needed = None if skip is None else e.op("Not", e.reshape(skip, [-1]))  # [count * N]: score not known
+        if same_as is not None:
+            first = e.reshape(e.op("Equal", same_as, e.const(np.arange(count, dtype=np.int64).reshape(count, 1),
+                                                              TensorProto.INT64)), [-1])
+            keep = first if needed is None else e.op("And", needed, first)
         else:
-            keep = e.op("Not", e.reshape(skip, [-1]))
-            rows = e.squeeze(e.op("NonZero", keep), [0])  # the rows to run, in order
+            keep = needed
+        rows = e.squeeze(e.op("NonZero", keep), [0])  # the rows to run, in order
         compact = self._run_rows(replaced, rows, n, chunk, make, probabilities, tag)  # float32 [M]
-        if skip is not None:
-            # back to every row: a run's score where it ran, skip_score elsewhere (no scatter)
-            position = e.op("Sub", e.op("CumSum", e.cast(keep, TensorProto.INT64), _i64(e, 0)), _i64(e, 1))
-            position = e.op("Where", e.op("Less", position, _i64(e, 0)), _i64(e, 0), position)
-            padded = e.op("Concat", compact, e.const(np.zeros(1, np.float32), TensorProto.FLOAT), axis=0)
-            ran = e.op("Gather", padded, position, axis=0)
-            known = _float32(e, e.op("Expand", e.unsqueeze(skip_score, [0]), e.op("Shape", skip)))
-            compact = e.op("Where", keep, ran, e.reshape(known, [-1]))
-        return e.op("Reshape", compact, e.ints([count, -1]))
+        # back to every row: the score of the run it shares (its own, or same_as's), no scatter
+        position = e.op("Sub", e.op("CumSum", e.cast(keep, TensorProto.INT64), _i64(e, 0)), _i64(e, 1))
+        if same_as is not None:  # row r = variant * N + image takes row same_as[variant, image] * N + image
+            image = e.op("Mod", e.op("Range", _i64(e, 0), total, _i64(e, 1)), n)
+            position = e.op("Gather", position, e.op("Add", e.op("Mul", e.reshape(same_as, [-1]), n), image), axis=0)
+        position = e.op("Where", e.op("Less", position, _i64(e, 0)), _i64(e, 0), position)
+        padded = e.op("Concat", compact, e.const(np.zeros(1, np.float32), TensorProto.FLOAT), axis=0)
+        ran = e.op("Gather", padded, position, axis=0)
+        if skip is not None:  # skip_score where the score is known without a run
+            given = _float32(e, e.op("Expand", e.unsqueeze(skip_score, [0]), e.op("Shape", skip)))
+            ran = e.op("Where", needed, ran, e.reshape(given, [-1]))
+        return e.op("Reshape", ran, e.ints([count, -1]))
 
     # ------------------------------------------------------------------ pieces
     def _run_rows(self, replaced, rows, n, chunk, make, probabilities, tag) -> str:
         """Scores of the variant/image pairs `rows` (int64 [M], r = variant * N + image): an ONNX
-        Loop over chunks of `chunk` rows (the last one padded by repeating row M-1), [M]."""
+        Loop over chunks of `chunk` rows, [M]. The last chunk runs only the rows that are left (a
+        fixed batch axis: padded by repeating row M-1, its extra scores dropped); the scores are
+        carried from iteration to iteration and concatenated, so no run is spent on padding."""
         e = self.emit
         sides = self._side_inputs(replaced, probabilities)
         m = e.op("Shape", rows)  # [1]
@@ -119,13 +135,22 @@ class Reruns:
         outer_nodes, outer_shapes = e.nodes, e._shape_cache
         e.nodes, e._shape_cache = [], {}  # nodes (and cached Shape nodes) of the body
         try:
-            step, condition = e.fresh("iteration"), e.fresh("condition")
+            step, condition, done = e.fresh("iteration"), e.fresh("condition"), e.fresh(f"{tag}_done")
             e.set_info(step, TensorProto.INT64, ())
-            span = e.op("Add", e.op("Range", _i64(e, 0), _i64(e, chunk), _i64(e, 1)), e.op("Mul", step, _i64(e, chunk)))
-            last = e.op("Sub", e.squeeze(m, [0]), _i64(e, 1))
-            picked = e.op("Gather", rows, e.op("Where", e.op("Greater", span, last), last, span), axis=0)
+            e.set_info(done, TensorProto.FLOAT, (None,))
+            start = e.op("Mul", step, _i64(e, chunk))
+            end = e.op("Min", e.op("Add", start, _i64(e, chunk)), e.squeeze(m, [0]))
+            if self.fixed is None:
+                picked = e.op("Gather", rows, e.op("Range", start, end, _i64(e, 1)), axis=0)
+            else:  # exactly `chunk` rows per run: the last one repeated
+                span = e.op("Range", start, e.op("Add", start, _i64(e, chunk)), _i64(e, 1))
+                last = e.op("Sub", e.squeeze(m, [0]), _i64(e, 1))
+                picked = e.op("Gather", rows, e.op("Min", span, last), axis=0)
             variants, images = e.op("Div", picked, n), e.op("Mod", picked, n)
             scores = self._chunk_scores(replaced, variants, images, chunk, make, sides, probabilities, tag)
+            if self.fixed is not None:
+                scores = e.op("Slice", scores, e.ints([0]), e.unsqueeze(e.op("Sub", end, start), [0]), e.ints([0]))
+            scores = e.op("Concat", done, scores, axis=0)
             keep_going = e.op("Identity", condition)
             body_nodes = e.nodes
         finally:
@@ -133,13 +158,15 @@ class Reruns:
         body = helper.make_graph(
             body_nodes, e.fresh(f"{tag}_body"),
             [helper.make_tensor_value_info(step, TensorProto.INT64, []),
-             helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
+             helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
+             helper.make_tensor_value_info(done, TensorProto.FLOAT, [None])],
             [helper.make_tensor_value_info(keep_going, TensorProto.BOOL, []),
-             helper.make_tensor_value_info(scores, TensorProto.FLOAT, [chunk])])
-        stacked = e.fresh(f"{tag}_scores")  # Loop needs its (empty) condition input: not through e.op
-        e.nodes.append(helper.make_node("Loop", [runs, ""], [stacked], name=e.fresh(f"{tag}_loop"), body=body))
-        flat = e.op("Reshape", stacked, e.ints([-1]))  # Loop stacks: [runs, chunk]
-        return e.op("Slice", flat, e.ints([0]), m, e.ints([0]))
+             helper.make_tensor_value_info(scores, TensorProto.FLOAT, [None])])
+        scored = e.fresh(f"{tag}_scores")  # Loop needs its (empty) condition input: not through e.op
+        none_yet = e.const(np.zeros(0, np.float32), TensorProto.FLOAT)
+        e.nodes.append(helper.make_node("Loop", [runs, "", none_yet], [scored], name=e.fresh(f"{tag}_loop"),
+                                        body=body))
+        return e.set_info(scored, TensorProto.FLOAT, (None,))
 
     def _outputs(self, probabilities) -> List[str]:
         return [self.seeded] + ([self.score_tensor] if probabilities and self.score_tensor != self.seeded else [])

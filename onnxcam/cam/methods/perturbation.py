@@ -18,6 +18,7 @@ GROUPCAM_EPS = 1e-30  # the authors divide by (max - min) and return nothing for
 SCORECAM_EPS = 1e-8  # pytorch-grad-cam's (maxs - mins + 1e-8)
 ABLATION_OFFSET = 1e7  # pytorch-grad-cam's AblationLayer: min - 1e7 when the layer's minimum is not 0
 SCORECAM_RECIPES = ("pytorch-grad-cam", "torchcam")
+SCORECAM_SAME_RANGE = 1e-2  # channels of a smaller range are never merged (see _same_scaled_maps)
 RERUN_NEEDS = Needs(activation=True, reruns=True)
 
 
@@ -53,10 +54,12 @@ def scorecam(ctx, layer, A, G, chunk_size=None, recipe="pytorch-grad-cam"):
         return reruns.as_input(e.op("Mul", e.op("Gather", image, images, axis=0), e.scalar(0.0, image)))
 
     # An all-zero channel's mask is 0 everywhere: its masked input is the zero image, run once.
+    # Channels with the same min-max scaled map make the same mask: one run for all of them.
     empty = _empty_channels(e, A, 1)  # [C, N]
     zero = e.reshape(reruns.scores(ctx.image.name, 1, zero_inputs, chunk_size, tag="scorecam_zero"), [-1])
+    same = _same_scaled_maps(e, A, channels) if e.opset >= 11 else None  # (Unique: opset 11)
     scores = reruns.scores(ctx.image.name, channels, masked_inputs, chunk_size, skip=empty, skip_score=zero,
-                           tag="scorecam")  # [C, N]
+                           same_as=same, tag="scorecam")  # [C, N]
     weights = e.op("Softmax", e.op("Transpose", scores, perm=[1, 0]), axis=1)  # over channels
     return weighted_sum(e, e.unsqueeze(weights, [2, 3]), A)
 
@@ -122,6 +125,42 @@ def _empty_channels(e, x, axis):
     others = [a for a in range(1, rank) if a != axis]
     peak = e.reduce("ReduceMax", e.op("Abs", x), others, keepdims=False)  # [N, C]
     return e.op("Transpose", e.op("Equal", peak, e.scalar(0.0, peak)), perm=[1, 0])
+
+
+def _same_scaled_maps(e, A, channels):
+    """int64 [C, N]: per channel of each image, the first channel whose min-max scaled map is the
+    same (itself when none). Upsampling is linear, so such channels (a = s * b + t, s > 0: e.g.
+    the ones that are non-zero at one pixel only) give the same Score-CAM mask. Only channels
+    whose range is at least SCORECAM_SAME_RANGE are merged: there the 1e-8 of the min-max
+    denominator moves a mask by at most ~1e-6 of itself (float32 rounding does as much).
+    Candidates are found by a key (the scaled map's dot product with fixed weights) and kept only
+    where the maps are exactly equal, so a collision of keys costs a run, never a wrong score."""
+    flat = e.reshape(A, [0, channels, -1])  # [N, C, hw]
+    low = e.reduce("ReduceMin", flat, [2], keepdims=True)
+    spread = e.op("Sub", e.reduce("ReduceMax", flat, [2], keepdims=True), low)
+    wide = e.op("Not", e.op("Less", spread, e.scalar(SCORECAM_SAME_RANGE, spread)))  # [N, C, 1]
+    scaled = e.op("Div", e.op("Sub", flat, low), e.op("Where", wide, spread, e.scalar(1.0, spread)))
+    pixels = e.squeeze(e.slice(e.op("Shape", flat), [2], [3], [0]), [0])
+    weights = e.op("Sqrt", e.op("Add", e.cast(e.op("Range", _i64(e, 0), pixels, _i64(e, 1)), TensorProto.FLOAT),
+                                e.scalar(2.0, spread)))  # [hw]: sqrt(2), sqrt(3), ...
+    key = e.op("MatMul", scaled, e.unsqueeze(weights, [1]))  # [N, C, 1]
+    index = e.const(np.arange(channels, dtype=np.float32).reshape(1, channels, 1), TensorProto.FLOAT)
+    key = e.op("Where", wide, key, e.op("Sub", e.scalar(-1.0, key), index))  # too narrow: a key of its own
+    images = e.squeeze(e.slice(e.op("Shape", flat), [0], [1], [0]), [0])
+    image = e.cast(e.unsqueeze(e.op("Range", _i64(e, 0), images, _i64(e, 1)), [1, 2]), TensorProto.FLOAT)
+    pairs = e.reshape(e.op("Concat", e.op("Expand", image, e.op("Shape", key)), key, axis=2), [-1, 2])
+    _, first, inverse, _ = e.op("Unique", pairs, outputs=4, axis=0, sorted=0)  # rows (image, key): images apart
+    candidate = e.reshape(e.op("Mod", e.op("Gather", first, inverse, axis=0), _i64(e, channels)), [-1, channels])
+    theirs = e.op("GatherElements", scaled, e.op("Expand", e.unsqueeze(candidate, [2]), e.op("Shape", scaled)), axis=1)
+    equal = e.op("Equal", e.reduce("ReduceMax", e.op("Abs", e.op("Sub", scaled, theirs)), [2], keepdims=False),
+                 e.scalar(0.0, scaled))  # [N, C]
+    own = e.op("Expand", e.const(np.arange(channels, dtype=np.int64).reshape(1, channels), TensorProto.INT64),
+               e.op("Shape", candidate))
+    return e.op("Transpose", e.op("Where", equal, candidate, own), perm=[1, 0])
+
+
+def _i64(e, value):
+    return e.const(np.array(value, np.int64), TensorProto.INT64)
 
 
 def _ablation_value(e, layer, rank):
