@@ -644,3 +644,68 @@ def test_conv_adjoint_dynamic_spatial(case, opset):
         (ref,), y_ref = torch_vjp(conv_twin(w, None, attrs, x_shape), [x], seed)
         assert rel_err(y, y_ref) < TOL
         assert _record("Conv(adjoint dynamic)", rel_err(gx, ref)) < ADJ_TOL
+
+
+def _live_nodes(model, output):
+    """The nodes `output` depends on, in graph order (emitted helpers nothing reads are pruned by
+    the augmenter, not by the harness)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    live, todo = set(), [output]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            todo.extend(i for i in node.input if i)
+    return [n for n in model.graph.node if id(n) in live]
+
+
+def _computed_pad_conv_model(pads, conv_attrs, w, x_shape, opset=13):
+    """x -> Pad(pads computed by Constant/ConstantOfShape/Concat/Reshape/Slice/Transpose/Cast nodes,
+    as torch exports F.pad for TF-style "same" padding) -> Conv(pads 0). Shape inference loses
+    the padded sizes; input sizes are fixed apart from the batch."""
+    n_sp = len(x_shape) - 2
+    # torch's layout: [last axis begin, last axis end, ..., first axis begin, first axis end]
+    torch_order = []
+    for i in reversed(range(n_sp)):
+        torch_order += [pads[i], pads[n_sp + i]]
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64)))
+    nodes = [c("zeros_n", [4]), helper.make_node("ConstantOfShape", ["zeros_n"], ["zeros"],
+                                                  value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+             c("given", torch_order), helper.make_node("Concat", ["given", "zeros"], ["flat"], axis=0),
+             c("pairs_shape", [-1, 2]), helper.make_node("Reshape", ["flat", "pairs_shape"], ["pairs"]),
+             c("st", [-1]), c("en", [-(2 ** 63)]), c("ax", [0]), c("sp", [-1]),
+             helper.make_node("Slice", ["pairs", "st", "en", "ax", "sp"], ["reversed"]),
+             helper.make_node("Transpose", ["reversed"], ["cols"], perm=[1, 0]),
+             c("flat_shape", [-1]), helper.make_node("Reshape", ["cols", "flat_shape"], ["onnx_pads"]),
+             helper.make_node("Cast", ["onnx_pads"], ["pads64"], to=TensorProto.INT64),
+             helper.make_node("Pad", ["x", "pads64"], ["xp"], mode="constant"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], **conv_attrs)]
+    return make_model(nodes, {"x": np.zeros(x_shape, np.float32)}, ["y"], {"w": w}, opset=opset, dynamic_batch=True)
+
+
+@pytest.mark.parametrize("case", ["dw3_s1", "dw3_s2_tf_same", "dw5_s2_tf_same", "3x3_s1_group1"])
+def test_pad_before_conv_is_absorbed_into_the_adjoint(case):
+    """TF-style "same" padding (explicit Pad, Conv without pads): the pads fold to constants, the
+    padded sizes are measured, and the Pad's gradient (a crop) goes into the adjoint's own pads:
+    no Slice, Pad or shape arithmetic at run time, and the gradient is torch's."""
+    from onnxcam import augment  # noqa: F401  (the augmenter's path: add_gradients via the harness)
+    spec = {"dw3_s1": ((2, 4, 9, 9), (4, 1, 3, 3), dict(group=4), [1, 1, 1, 1]),
+            "dw3_s2_tf_same": ((2, 4, 10, 9), (4, 1, 3, 3), dict(group=4, strides=[2, 2]), [0, 1, 1, 1]),
+            "dw5_s2_tf_same": ((1, 4, 12, 11), (4, 1, 5, 5), dict(group=4, strides=[2, 2]), [1, 2, 2, 2]),
+            "3x3_s1_group1": ((2, 3, 8, 7), (5, 3, 3, 3), {}, [1, 1, 1, 1])}[case]
+    x_shape, w_shape, attrs, pads = spec
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    model = _computed_pad_conv_model(pads, attrs, w, x_shape)
+    gmodel, built = gradient_model(model, ["x"], "y")
+    backward = [n.op_type for n in _live_nodes(gmodel, built.gradients["x"])[len(model.graph.node):]]
+    assert not {"Shape", "Pad", "Gather"} & set(backward)
+    assert backward.count("Slice") <= 1  # the weight's flip (folded by ONNX Runtime), no crop
+    y = run(model, {"x": x}, ["y"])["y"]
+    seed = rng.standard_normal(y.shape).astype(np.float32)
+    gx = run(gmodel, {"x": x, built.seed: seed}, [built.gradients["x"]])[built.gradients["x"]]
+    twin = conv_twin(w, None, dict(attrs, pads=pads), x_shape)
+    (ref,), y_ref = torch_vjp(twin, [x], seed)
+    assert rel_err(y, y_ref) < TOL
+    assert _record("Conv(after Pad)", rel_err(gx, ref)) < ADJ_TOL

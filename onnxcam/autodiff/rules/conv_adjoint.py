@@ -100,8 +100,8 @@ def _zero_inserted_depthwise(ctx, g, w, w_shape, x, y, kernel, strides, dilation
     stride-1 adjoint: pads begin d(k-1) - pad_begin, end H + pad_begin - L."""
     e = ctx.emit
     n_sp = len(kernel)
-    in_sizes, out_sizes = e.dims(x)[2:], e.dims(y)[2:]
-    if not all(isinstance(v, int) for v in list(in_sizes) + list(out_sizes)):
+    in_sizes, out_sizes = (list((e.info(t).shape or [None] * (2 + n_sp))[2:]) for t in (x, y))
+    if not all(isinstance(v, int) and v >= 0 for v in in_sizes + out_sizes):
         return None  # dynamic sizes: output_padding and the end pads would be run-time values
     lengths = [min(out_sizes[i] * strides[i], in_sizes[i] + begins[i]) for i in range(n_sp)]
     output_padding = [lengths[i] - (out_sizes[i] - 1) * strides[i] - 1 for i in range(n_sp)]
@@ -114,3 +114,33 @@ def _zero_inserted_depthwise(ctx, g, w, w_shape, x, y, kernel, strides, dilation
                   output_padding=output_padding)
     pads = [spans[i] - begins[i] for i in range(n_sp)] + end_pads
     return _adjoint_conv(ctx, spread, w, w_shape, group, dilations, pads)
+
+
+def crop_by_pads(ctx, g: str, axes: Sequence[int], begins: Sequence[int], ends: Sequence[int]) -> Optional[str]:
+    """g[..., b:-e, ...] computed by g's own producer when that is a node emitted here whose pads
+    can absorb the crop: a stride-1 Conv (smaller pads make a shorter output, starting later) or a
+    ConvTranspose (larger pads crop more). The Pad before a convolution (TF-style "same" exports
+    pad explicitly) then costs no Slice in the backward pass. A new node is emitted; the original
+    stays for any other reader (and is pruned when none is left). None when not applicable."""
+    e = ctx.emit
+    producer = next((n for n in reversed(e.nodes) if g in n.output), None)
+    if producer is None or producer.op_type not in ("Conv", "ConvTranspose"):
+        return None
+    attrs = {a.name: a for a in producer.attribute}
+    if "pads" not in attrs or "output_shape" in attrs or attrs.get("auto_pad") and attrs["auto_pad"].s not in (b"", b"NOTSET"):
+        return None
+    pads = list(attrs["pads"].ints)
+    n_sp = len(pads) // 2
+    if any(not 2 <= a < 2 + n_sp for a in axes):
+        return None
+    sign = -1 if producer.op_type == "Conv" else 1
+    if producer.op_type == "Conv" and any(s != 1 for s in (attrs["strides"].ints if "strides" in attrs else [])):
+        return None
+    for a, b, end in zip(axes, begins, ends):
+        pads[a - 2] += sign * b
+        pads[n_sp + a - 2] += sign * end
+    if any(p < 0 for p in pads):
+        return None
+    kwargs = {name: helper.get_attribute_value(a) for name, a in attrs.items() if name != "pads"}
+    return e.op(producer.op_type, *producer.input, pads=pads, **kwargs)
+
