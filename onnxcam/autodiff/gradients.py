@@ -132,10 +132,12 @@ def _measure_fixed_sizes(model, analysis: GraphAnalysis, infos, path, constants)
     input gradient as a Conv with constant pads instead of a ConvTranspose followed by run-time
     Slice/Pad arithmetic."""
     inits = {t.name for t in model.graph.initializer}
-    inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    for vi in inputs:
-        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else None
-        if dims is None or any(not d.HasField("dim_value") for d in list(dims)[1:]):
+    inputs = [vi for vi in model.graph.input if vi.name not in inits and not vi.name.startswith("onnxcam")]
+    for vi in inputs:  # image-like inputs only: an integer input (Slice bounds...) may set sizes itself
+        tensor = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        dims = list(tensor.shape.dim) if tensor is not None and tensor.HasField("shape") else []
+        if (tensor is None or tensor.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+                or len(dims) < 3 or any(not d.HasField("dim_value") for d in dims[1:])):
             return
     loose = sorted({t for n in path for t in list(n.input) + list(n.output)
                     if t and t not in constants and infos.get(t) is not None and infos[t].shape is not None

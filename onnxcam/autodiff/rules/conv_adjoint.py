@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import numpy as np
+from onnx import helper
 
 INT64_MIN = np.iinfo(np.int64).min
 
