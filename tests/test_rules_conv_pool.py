@@ -473,3 +473,239 @@ def test_average_pool_dilations_opset19(ceil_mode, count_include_pad):
     model = make_model([node], {"x": x}, ["y"], opset=19)
     err = _record("AveragePool(dot)", dot_product_check(model, {"x": x}, "x", "y", eps=1e-1))
     assert err < 1e-5
+
+
+# --------------------------------------------------------------------------- Conv's input gradient as a Conv
+# conv_adjoint: stride 1 -> Conv with the transposed, flipped weight; large strided depthwise
+# kernels -> zero insertion + stride-1 Conv; the rest stays ConvTranspose. Each case names the
+# form it must take, so a speed path cannot silently fall back.
+ADJ_TOL = 1e-5
+ADJOINT_CASES = {
+    # name: (x shape, w shape, attrs, expected form)
+    "s1_group1": ((2, 3, 9, 8), (4, 3, 3, 3), dict(pads=[1, 1, 1, 1]), "conv"),
+    "s1_group2": ((2, 4, 9, 8), (6, 2, 3, 3), dict(group=2, pads=[1, 1, 1, 1]), "conv"),
+    "s1_depthwise": ((2, 5, 9, 8), (5, 1, 3, 3), dict(group=5, pads=[1, 1, 1, 1]), "conv"),
+    "s1_depthwise_mult3": ((1, 2, 7, 8), (6, 1, 5, 5), dict(group=2, pads=[2, 2, 2, 2]), "conv"),
+    "s1_dilation2_asym": ((1, 3, 11, 10), (4, 3, 3, 3), dict(dilations=[2, 2], pads=[1, 4, 3, 0]), "conv"),
+    "s1_depthwise_dil2_rect": ((1, 4, 10, 11), (4, 1, 3, 5), dict(group=4, dilations=[2, 1], pads=[0, 2, 4, 1]), "conv"),
+    "s1_same_upper_k4": ((1, 2, 7, 8), (3, 2, 4, 4), dict(auto_pad="SAME_UPPER"), "conv"),
+    "s1_same_lower_k4x3": ((1, 2, 9, 8), (3, 2, 4, 3), dict(auto_pad="SAME_LOWER"), "conv"),
+    "s1_valid": ((2, 3, 8, 9), (4, 3, 3, 2), dict(auto_pad="VALID"), "conv"),
+    "s1_1x1": ((2, 6, 5, 7), (4, 6, 1, 1), {}, "conv"),
+    "s1_conv1d_d2": ((2, 3, 17), (4, 3, 3), dict(dilations=[2], pads=[3, 1]), "conv"),
+    "s1_conv3d_group": ((1, 4, 5, 6, 5), (4, 2, 3, 3, 3), dict(group=2, pads=[1, 0, 1, 1, 2, 1]), "conv"),
+    "s1_pad_beyond_kernel": ((1, 2, 6, 6), (3, 2, 1, 1), dict(pads=[1, 1, 1, 1]), "convtranspose"),
+    "dw5_s2_even": ((2, 6, 12, 12), (6, 1, 5, 5), dict(group=6, strides=[2, 2], pads=[2, 2, 2, 2]), "zero_insert"),
+    "dw5_s2_odd": ((1, 6, 13, 11), (6, 1, 5, 5), dict(group=6, strides=[2, 2], pads=[2, 2, 2, 2]), "zero_insert"),
+    "dw5_s2_same_upper_even": ((1, 4, 12, 10), (4, 1, 5, 5), dict(group=4, strides=[2, 2], auto_pad="SAME_UPPER"),
+                               "zero_insert"),
+    "dw5_s2_same_lower_odd": ((1, 4, 11, 13), (4, 1, 5, 5), dict(group=4, strides=[2, 2], auto_pad="SAME_LOWER"),
+                              "zero_insert"),
+    "dw5_s2_mult2_valid": ((1, 3, 11, 12), (6, 1, 5, 5), dict(group=3, strides=[2, 2], auto_pad="VALID"), "zero_insert"),
+    "dw7_s3_dil1_asym": ((1, 3, 16, 14), (3, 1, 7, 7), dict(group=3, strides=[3, 3], pads=[3, 1, 2, 3]), "zero_insert"),
+    "dw5_s2_conv3d": ((1, 2, 7, 8, 6), (2, 1, 5, 5, 5), dict(group=2, strides=[2, 2, 2], pads=[2, 2, 2, 2, 2, 2]),
+                      "zero_insert"),
+    "dw5_s2_conv1d": ((2, 3, 15), (3, 1, 5), dict(group=3, strides=[2], pads=[2, 1]), "zero_insert"),
+    "dw3_s2_even": ((2, 6, 12, 12), (6, 1, 3, 3), dict(group=6, strides=[2, 2], pads=[1, 1, 1, 1]), "convtranspose"),
+    "dw3_s2_odd": ((1, 6, 13, 11), (6, 1, 3, 3), dict(group=6, strides=[2, 2], pads=[1, 1, 1, 1]), "convtranspose"),
+    "1x1_s2_odd": ((2, 4, 9, 11), (3, 4, 1, 1), dict(strides=[2, 2]), "convtranspose"),
+    "3x3_s2": ((1, 3, 10, 9), (4, 3, 3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1]), "convtranspose"),
+    "7x7_s2_stem": ((1, 3, 20, 18), (8, 3, 7, 7), dict(strides=[2, 2], pads=[3, 3, 3, 3]), "convtranspose"),
+}
+
+
+def _adjoint_form(gmodel, n_forward):
+    """Which form the input gradient took: the backward's spatial ops after the forward node."""
+    ops = [n for n in gmodel.graph.node[n_forward:]]
+    transposes = [n for n in ops if n.op_type == "ConvTranspose"]
+    convs = [n for n in ops if n.op_type == "Conv"]
+    if convs and not transposes:
+        return "conv"
+    if convs and all(any(a.name == "kernel_shape" and all(k == 1 for k in a.ints) for a in n.attribute)
+                     for n in transposes):
+        return "zero_insert"
+    return "convtranspose" if transposes and not convs else "mixed"
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("case", sorted(ADJOINT_CASES))
+def test_conv_input_gradient_forms(case, opset):
+    x_shape, w_shape, attrs, form = ADJOINT_CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    gx, ref = check_against_torch("Conv(adjoint)", node, x, conv_twin(w, None, attrs, x_shape), opset, {"w": w},
+                                  tol=ADJ_TOL)
+    assert np.abs(ref).max() > 1e-3  # a real gradient, not two zero maps
+    gmodel, _ = gradient_model(make_model([node], {"x": x}, ["y"], {"w": w}, opset=opset), ["x"], "y")
+    assert _adjoint_form(gmodel, 1) == form
+
+
+def test_stride1_depthwise_gradient_has_no_conv_transpose():
+    """The speed path itself: a stride-1 depthwise Conv's input gradient is a Conv, no ConvTranspose."""
+    x = np.random.default_rng(30).standard_normal((1, 8, 10, 10)).astype(np.float32)
+    w = np.random.default_rng(31).standard_normal((8, 1, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=8, pads=[1, 1, 1, 1])
+    gmodel, _ = gradient_model(make_model([node], {"x": x}, ["y"], {"w": w}, opset=13), ["x"], "y")
+    ops = [n.op_type for n in gmodel.graph.node]
+    assert "ConvTranspose" not in ops and ops.count("Conv") == 2
+
+
+@pytest.mark.parametrize("case", ["s1_group2", "dw5_s2_odd"])
+def test_conv_adjoint_weight_computed_in_graph(case, tmp_path):
+    """W' is derived from W by graph nodes: no new weight-sized initializer (the file does not
+    grow), and ONNX Runtime folds those nodes when the session is created (its optimized model
+    keeps no Slice or Transpose)."""
+    import onnxruntime as ort
+    x_shape, w_shape, attrs, _ = ADJOINT_CASES[case]
+    x = np.zeros(x_shape, np.float32)
+    w = np.random.default_rng(32).standard_normal(w_shape).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], {"x": x}, ["y"], {"w": w}, opset=17)
+    gmodel, _ = gradient_model(model, ["x"], "y")
+    added = [i for i in gmodel.graph.initializer if i.name != "w"]
+    assert sum(int(np.prod(i.dims)) for i in added) < w.size
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(gmodel.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    folded = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "Slice" not in folded and "Transpose" not in folded and "Reshape" not in folded
+
+
+@pytest.mark.parametrize("source", ["input", "dequantize"])
+def test_conv_adjoint_with_a_weight_that_is_not_constant(source):
+    """A weight fed at run time or produced by DequantizeLinear: W' is computed at run time."""
+    rng = np.random.default_rng(33)
+    x = rng.standard_normal((2, 4, 8, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    attrs = dict(group=2, pads=[1, 0, 1, 2])
+    if source == "input":
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)]
+        model = make_model(nodes, {"x": x, "w": w}, ["y"], opset=13)
+        feeds, w_used = {"x": x, "w": w}, w
+    else:
+        scale = np.float32(0.05)
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        nodes = [helper.make_node("DequantizeLinear", ["q", "scale"], ["w"]),
+                 helper.make_node("Conv", ["x", "w"], ["y"], **attrs)]
+        model = make_model(nodes, {"x": x}, ["y"], {"q": q, "scale": scale}, opset=13)
+        feeds, w_used = {"x": x}, q.astype(np.float32) * scale
+    gmodel, built = gradient_model(model, ["x"], "y")
+    assert _adjoint_form(gmodel, len(nodes)) == "conv"
+    y = run(model, feeds, ["y"])["y"]
+    seed = rng.standard_normal(y.shape).astype(np.float32)
+    gx = run(gmodel, dict(feeds, **{built.seed: seed}), [built.gradients["x"]])[built.gradients["x"]]
+    (ref,), _ = torch_vjp(conv_twin(w_used, None, attrs, x.shape), [x], seed)
+    assert _record("Conv(adjoint)", rel_err(gx, ref)) < ADJ_TOL
+
+
+def test_conv_adjoint_float16_model():
+    """Half-precision model: the backward runs in float32 on widened copies of x and W."""
+    rng = np.random.default_rng(34)
+    x = rng.standard_normal((1, 4, 9, 8)).astype(np.float16)
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float16)
+    attrs = dict(group=4, pads=[1, 1, 1, 1])
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    model = make_model([node], {"x": x}, ["y"], {"w": w}, opset=13)
+    gmodel, built = gradient_model(model, ["x"], "y")
+    gmodel.graph.output[-1].type.tensor_type.elem_type = TensorProto.FLOAT  # the harness declares x's type
+    assert _adjoint_form(gmodel, 1) == "conv"
+    seed_type = next(i for i in gmodel.graph.input if i.name == built.seed).type.tensor_type.elem_type
+    seed = rng.standard_normal((1, 4, 9, 8)).astype(helper.tensor_dtype_to_np_dtype(seed_type))
+    gx = run(gmodel, {"x": x, built.seed: seed}, [built.gradients["x"]])[built.gradients["x"]]
+    (ref,), _ = torch_vjp(conv_twin(w.astype(np.float32), None, attrs, x.shape), [x.astype(np.float32)],
+                          seed.astype(np.float64))
+    assert gx.dtype == np.float32 and _record("Conv(adjoint fp16)", rel_err(gx, ref)) < ADJ_TOL
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("case", ["s1_depthwise_dil2_rect", "s1_same_upper_k4", "s1_conv3d_group", "dw5_s2_odd"])
+def test_conv_adjoint_dynamic_spatial(case, opset):
+    """Symbolic batch and spatial sizes, run at two sizes of both parities: the stride-1 form
+    (static pads even for SAME) needs no size; the strided depthwise one falls back to ConvTranspose."""
+    _, w_shape, attrs, form = ADJOINT_CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()) + 1)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    n_sp = len(w_shape) - 2
+    model = make_dynamic_model(node, np.zeros((1, w_shape[1] * attrs.get("group", 1)) + (1,) * n_sp, np.float32),
+                               {"w": w}, opset)
+    gmodel, built = gradient_model(model, ["x"], "y")
+    onnx.checker.check_model(gmodel, full_check=True)
+    assert _adjoint_form(gmodel, 1) == ("convtranspose" if form == "zero_insert" else form)
+    channels = w_shape[1] * attrs.get("group", 1)
+    for spatial in [(9, 11, 10)[:n_sp], (12, 8, 7)[:n_sp]]:
+        x_shape = (2, channels) + spatial
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        y = run(model, {"x": x}, ["y"])["y"]
+        seed = rng.standard_normal(y.shape).astype(np.float32)
+        gx = run(gmodel, {"x": x, built.seed: seed}, [built.gradients["x"]])[built.gradients["x"]]
+        (ref,), y_ref = torch_vjp(conv_twin(w, None, attrs, x_shape), [x], seed)
+        assert rel_err(y, y_ref) < TOL
+        assert _record("Conv(adjoint dynamic)", rel_err(gx, ref)) < ADJ_TOL
+
+
+def _live_nodes(model, output):
+    """The nodes `output` depends on, in graph order (emitted helpers nothing reads are pruned by
+    the augmenter, not by the harness)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    live, todo = set(), [output]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            todo.extend(i for i in node.input if i)
+    return [n for n in model.graph.node if id(n) in live]
+
+
+def _computed_pad_conv_model(pads, conv_attrs, w, x_shape, opset=13):
+    """x -> Pad(pads computed by Constant/ConstantOfShape/Concat/Reshape/Slice/Transpose/Cast nodes,
+    as torch exports F.pad for TF-style "same" padding) -> Conv(pads 0). Shape inference loses
+    the padded sizes; input sizes are fixed apart from the batch."""
+    n_sp = len(x_shape) - 2
+    # torch's layout: [last axis begin, last axis end, ..., first axis begin, first axis end]
+    torch_order = []
+    for i in reversed(range(n_sp)):
+        torch_order += [pads[i], pads[n_sp + i]]
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64)))
+    nodes = [c("zeros_n", [4]), helper.make_node("ConstantOfShape", ["zeros_n"], ["zeros"],
+                                                  value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+             c("given", torch_order), helper.make_node("Concat", ["given", "zeros"], ["flat"], axis=0),
+             c("pairs_shape", [-1, 2]), helper.make_node("Reshape", ["flat", "pairs_shape"], ["pairs"]),
+             c("st", [-1]), c("en", [-(2 ** 63)]), c("ax", [0]), c("sp", [-1]),
+             helper.make_node("Slice", ["pairs", "st", "en", "ax", "sp"], ["reversed"]),
+             helper.make_node("Transpose", ["reversed"], ["cols"], perm=[1, 0]),
+             c("flat_shape", [-1]), helper.make_node("Reshape", ["cols", "flat_shape"], ["onnx_pads"]),
+             helper.make_node("Cast", ["onnx_pads"], ["pads64"], to=TensorProto.INT64),
+             helper.make_node("Pad", ["x", "pads64"], ["xp"], mode="constant"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], **conv_attrs)]
+    return make_model(nodes, {"x": np.zeros(x_shape, np.float32)}, ["y"], {"w": w}, opset=opset, dynamic_batch=True)
+
+
+@pytest.mark.parametrize("case", ["dw3_s1", "dw3_s2_tf_same", "dw5_s2_tf_same", "3x3_s1_group1"])
+def test_pad_before_conv_is_absorbed_into_the_adjoint(case):
+    """TF-style "same" padding (explicit Pad, Conv without pads): the pads fold to constants, the
+    padded sizes are measured, and the Pad's gradient (a crop) goes into the adjoint's own pads:
+    no Slice, Pad or shape arithmetic at run time, and the gradient is torch's."""
+    from onnxcam import augment  # noqa: F401  (the augmenter's path: add_gradients via the harness)
+    spec = {"dw3_s1": ((2, 4, 9, 9), (4, 1, 3, 3), dict(group=4), [1, 1, 1, 1]),
+            "dw3_s2_tf_same": ((2, 4, 10, 9), (4, 1, 3, 3), dict(group=4, strides=[2, 2]), [0, 1, 1, 1]),
+            "dw5_s2_tf_same": ((1, 4, 12, 11), (4, 1, 5, 5), dict(group=4, strides=[2, 2]), [1, 2, 2, 2]),
+            "3x3_s1_group1": ((2, 3, 8, 7), (5, 3, 3, 3), {}, [1, 1, 1, 1])}[case]
+    x_shape, w_shape, attrs, pads = spec
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    model = _computed_pad_conv_model(pads, attrs, w, x_shape)
+    gmodel, built = gradient_model(model, ["x"], "y")
+    backward = [n.op_type for n in _live_nodes(gmodel, built.gradients["x"])[len(model.graph.node):]]
+    assert not {"Shape", "Pad", "Gather"} & set(backward)
+    assert backward.count("Slice") <= 1  # the weight's flip (folded by ONNX Runtime), no crop
+    y = run(model, {"x": x}, ["y"])["y"]
+    seed = rng.standard_normal(y.shape).astype(np.float32)
+    gx = run(gmodel, {"x": x, built.seed: seed}, [built.gradients["x"]])[built.gradients["x"]]
+    twin = conv_twin(w, None, dict(attrs, pads=pads), x_shape)
+    (ref,), y_ref = torch_vjp(twin, [x], seed)
+    assert rel_err(y, y_ref) < TOL
+    assert _record("Conv(after Pad)", rel_err(gx, ref)) < ADJ_TOL

@@ -47,7 +47,7 @@ class GraphAnalysis:
     def constants(self) -> Dict[str, np.ndarray]:
         """Values known before run time (decoded lazily: see _Constants)."""
         if self._constants is None:
-            self._constants = constant_values(self.model.graph, self.nodes)
+            self._constants = constant_values(self.model.graph, self.nodes, self.model.opset_import)
         return self._constants
 
     def constant_names(self) -> set:
@@ -119,7 +119,7 @@ class _Constants(dict):
         return int(np.asarray(self[name]).size)
 
 
-def constant_values(graph, nodes) -> Dict[str, np.ndarray]:
+def constant_values(graph, nodes, opset_imports=()) -> Dict[str, np.ndarray]:
     """Values known before run time: initializers, Constant nodes, and small integer arithmetic on
     them (Paddle and TF converters compute Slice/Reshape parameters with Constant nodes)."""
     values = _Constants(graph.initializer, overridable_initializers(graph))
@@ -137,24 +137,34 @@ def constant_values(graph, nodes) -> Dict[str, np.ndarray]:
             elif "value_float" in attrs:
                 values[node.output[0]] = np.asarray(attrs["value_float"].f, np.float32)
         elif node.op_type in _FOLDABLE and node.input and all(i in values for i in node.input if i):
-            if all(values.size(i) <= 64 for i in node.input if i):
-                folded = _fold(node, values)
+            small = all(values.size(i) <= 64 for i in node.input if i)
+            if small and node.op_type == "ConstantOfShape":  # small shape, but maybe a large tensor
+                small = int(np.prod(values[node.input[0]])) <= 64
+            if small:
+                folded = _fold(node, values, opset_imports)
                 if folded is not None:
                     values[node.output[0]] = folded
     return values
 
 
-_FOLDABLE = {"Cast", "Concat", "Unsqueeze", "Squeeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity"}
+# (ConstantOfShape, Reshape, Slice, Transpose: torch's F.pad with pads computed in Python exports
+# them around the pads of every TF-style "same" padding, as in EfficientNet-Lite.)
+_FOLDABLE = {"Cast", "Concat", "Unsqueeze", "Squeeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity",
+             "ConstantOfShape", "Reshape", "Slice", "Transpose"}
 
 
-def _fold(node, values):
+def _fold(node, values, opset_imports=()):
+    """The node evaluated by onnx's reference evaluator at the model's opset (Slice, Reshape...
+    changed signatures across opsets); None when it cannot be."""
     try:
         from onnx.reference import ReferenceEvaluator
         ins = [i for i in node.input]
-        evaluator = ReferenceEvaluator(helper.make_graph(
+        graph = helper.make_graph(
             [node], "fold", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), None)
                              for i in ins if i],
-            [helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED, None)]))
+            [helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED, None)])
+        opsets = {imp.domain or "": imp.version for imp in opset_imports} or {"": 13}
+        evaluator = ReferenceEvaluator(graph, opsets=opsets)
         return np.asarray(evaluator.run(None, {i: values[i] for i in ins if i})[0])
     except Exception:
         return None

@@ -100,6 +100,7 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
             raise UnsupportedModelError(f"cannot learn the shapes of {len(unknown_rank)} tensor(s) on the path by "
                                         f"running the model in ONNX Runtime ({first}); check that the model runs "
                                         "in onnxruntime on its own") from None
+    _measure_fixed_sizes(model, analysis, infos, path, constants)
     ctx = RuleContext(emit=emit, opset=opset, active=active, constants=constants, body_gradients=_body_gradients,
                       opset_imports=list(model.opset_import), mode=mode)
 
@@ -121,6 +122,47 @@ def add_gradients(model: onnx.ModelProto, targets: Sequence[str], score_tensor: 
         emit.infos[total] = _grad_info(infos.get(target))
     flush(emit, graph)
     return GradientGraph(model, gradients, seed, emit)
+
+
+def _measure_fixed_sizes(model, analysis: GraphAnalysis, infos, path, constants) -> None:
+    """A model whose inputs have fixed sizes apart from the batch has fixed feature-map sizes too,
+    which shape inference loses behind padding computed at run time (TF-style "same" exports such
+    as EfficientNet-Lite's). Measured once by running the model (the probe keeps as numbers only
+    the sizes that do not vary with the batch), they let the rules emit static shapes: Conv's
+    input gradient as a Conv with constant pads instead of a ConvTranspose followed by run-time
+    Slice/Pad arithmetic."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits and not vi.name.startswith("onnxcam")]
+    for vi in inputs:  # image-like inputs only: an integer input (Slice bounds...) may set sizes itself
+        tensor = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        dims = list(tensor.shape.dim) if tensor is not None and tensor.HasField("shape") else []
+        if (tensor is None or tensor.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+                or len(dims) < 3 or any(not d.HasField("dim_value") for d in dims[1:])):
+            return
+    loose = sorted({t for n in path for t in list(n.input) + list(n.output)
+                    if t and t not in constants and infos.get(t) is not None and infos[t].shape is not None
+                    and any(not isinstance(d, int) for d in infos[t].shape[1:])})
+    if not loose:
+        return
+    try:
+        found = analysis.probe(loose + [vi.name for vi in inputs])
+    except Exception:  # measuring is an optimisation: the rules handle symbolic sizes too
+        return
+    # A size that varied in the probe gets the probe's symbol, the same for every tensor whose size
+    # varied alike (so a residual Add sees equal batch sizes on both sides); the one that varied like
+    # an input's batch takes that input's own name for it.
+    rename = {}
+    for vi in inputs:
+        probed = found.get(vi.name)
+        declared = list(vi.type.tensor_type.shape.dim)
+        if probed is not None and probed.shape is not None and len(probed.shape) == len(declared):
+            for d, p in zip(declared, probed.shape):
+                if isinstance(p, str) and d.HasField("dim_param"):
+                    rename.setdefault(p, d.dim_param)
+    for name in loose:
+        probed = found.get(name)
+        if probed is not None and probed.shape is not None:
+            infos[name] = TensorInfo(probed.dtype or infos[name].dtype, tuple(rename.get(d, d) for d in probed.shape))
 
 
 def _backpropagate(ctx: RuleContext, path, contributions: Dict[str, List[str]], targets: set,
@@ -175,7 +217,7 @@ def _body_gradients(ctx: RuleContext, body, seeds: Dict[str, str], wrt: Sequence
             known = ctx.emit.infos.get(name)
             if known is None or known.shape is None:
                 ctx.emit.infos[name] = info
-    constants = ChainMap(constant_values(body, nodes), ctx.constants)
+    constants = ChainMap(constant_values(body, nodes, ctx.opset_imports), ctx.constants)
     active = _forward_active(nodes, wrt, ctx.emit.infos)
     producers = {out: node for node in nodes for out in node.output if out}
     feeding = set()

@@ -20,18 +20,23 @@ def clip(ctx, node, grads):
     """Pass the gradient strictly inside (min, max).
 
     Exporters emit Clip mostly for ReLU6 (torch's hardtanh), whose gradient is 0 at both bounds;
-    torch.clamp's autograd would pass it at the bounds. The two differ only at exactly min/max."""
-    e, x = ctx.emit, node.input(0)
+    torch.clamp's autograd would pass it at the bounds. The two differ only at exactly min/max.
+
+    The mask reads the output Y = min(max(X, lo), hi), like Relu's, so that ONNX Runtime can still
+    fuse Conv+Clip in the forward pass (the backward then needs no separate pre-activation tensor).
+    It is the same mask: X > lo <=> Y > lo and X < hi <=> Y < hi when lo < hi; when lo >= hi both
+    are all false (no X lies strictly between, and Y = hi <= lo)."""
+    e, y = ctx.emit, node.outputs[0]
     lo = node.input(1) if node.input(1) else None
     hi = node.input(2) if node.input(2) else None
     if "min" in node.attrs or "max" in node.attrs:  # opset < 11 attribute form
-        lo = e.scalar(node.attr("min"), x) if "min" in node.attrs else None
-        hi = e.scalar(node.attr("max"), x) if "max" in node.attrs else None
+        lo = e.scalar(node.attr("min"), y) if "min" in node.attrs else None
+        hi = e.scalar(node.attr("max"), y) if "max" in node.attrs else None
     mask = None
     if lo is not None:
-        mask = e.op("Greater", x, lo)
+        mask = e.op("Greater", y, lo)
     if hi is not None:
-        upper = e.op("Less", x, hi)
+        upper = e.op("Less", y, hi)
         mask = upper if mask is None else e.op("And", mask, upper)
     return [grads[0] if mask is None else mask_grad(ctx, mask, grads[0])]
 

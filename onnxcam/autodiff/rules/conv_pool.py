@@ -15,6 +15,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..registry import vjp
+from .conv_adjoint import conv_as_conv
 
 
 def spatial_pads(ctx, node, x, kernel, strides, dilations):
@@ -30,6 +31,12 @@ def spatial_pads(ctx, node, x, kernel, strides, dilations):
     sizes = e.dims(x)[2:]
     begins, ends = [], []
     for i in range(n_sp):
+        if strides[i] == 1:  # out = H, so total = d(k-1) whatever H is: static even for dynamic sizes
+            total = dilations[i] * (kernel[i] - 1)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto_pad == "SAME_UPPER" else big)
+            ends.append(big if auto_pad == "SAME_UPPER" else small)
+            continue
         out = e.d_div(e.d_add(sizes[i], strides[i] - 1), strides[i])  # ceil(H / s)
         needed = e.d_add(e.d_mul(e.d_sub(out, 1), strides[i]), dilations[i] * (kernel[i] - 1) + 1)
         total = e.d_max(e.d_sub(needed, sizes[i]), 0)
@@ -71,7 +78,8 @@ def transpose_conv_to(ctx, g, weight, x, y, kernel, strides, dilations, group, b
 
 @vjp("Conv", differentiable=(0,))
 def conv(ctx, node, grads):
-    """dX = ConvTranspose(g, W) with the same strides, dilations, group and kernel."""
+    """dX = ConvTranspose(g, W) with the same strides, dilations, group and kernel; as a Conv
+    with the transposed, flipped weight where ONNX Runtime computes that faster (conv_adjoint)."""
     x, w, y = node.input(0), node.input(1), node.outputs[0]
     w_shape = ctx.emit.info(w).shape
     kernel = list(node.attr("kernel_shape", w_shape[2:] if w_shape else []))
@@ -81,8 +89,10 @@ def conv(ctx, node, grads):
     strides = list(node.attr("strides", [1] * n_sp))
     dilations = list(node.attr("dilations", [1] * n_sp))
     begins, ends = spatial_pads(ctx, node, x, kernel, strides, dilations)
-    dx = transpose_conv_to(ctx, grads[0], w, x, y, kernel, strides, dilations,
-                           node.attr("group", 1), begins, ends)
+    group = node.attr("group", 1)
+    dx = conv_as_conv(ctx, grads[0], w, x, y, kernel, strides, dilations, group, begins, ends)
+    if dx is None:
+        dx = transpose_conv_to(ctx, grads[0], w, x, y, kernel, strides, dilations, group, begins, ends)
     return [dx, None, None]
 
 

@@ -15,6 +15,7 @@ from onnx import TensorProto
 from ..emitter import Dim
 from ..registry import vjp
 from .common import normalize_axis, reshape_like, unbroadcast
+from .conv_adjoint import crop_by_pads
 
 INT64_MIN = int(np.iinfo(np.int64).min)
 
@@ -376,6 +377,10 @@ def pad(ctx, node, grads):
     pairs = [(a, values[i], values[len(axes) + i]) for i, a in enumerate(axes)
              if not (values[i] == 0 and values[len(axes) + i] == 0)]
     if mode == "constant":
+        if pairs and all(isinstance(b, int) and isinstance(e, int) and b >= 0 and e >= 0 for _, b, e in pairs):
+            cropped = crop_by_pads(ctx, g, [a for a, _, _ in pairs], [b for _, b, _ in pairs], [e for _, _, e in pairs])
+            if cropped is not None:  # the convolution's gradient, already cut to the data region
+                return [cropped]
         starts = [emit.d_max(b, 0) if not isinstance(b, int) else max(b, 0) for _, b, _ in pairs]
         ends = [emit.d_sub(_dim(emit, y, a), emit.d_max(e, 0) if not isinstance(e, int) else max(e, 0))
                 for a, _, e in pairs]
