@@ -709,3 +709,24 @@ def test_pad_before_conv_is_absorbed_into_the_adjoint(case):
     (ref,), y_ref = torch_vjp(twin, [x], seed)
     assert rel_err(y, y_ref) < TOL
     assert _record("Conv(after Pad)", rel_err(gx, ref)) < ADJ_TOL
+
+
+def test_measured_sizes_share_the_input_batch_symbol():
+    """Sizes measured for a fixed-size input keep one batch symbol (the input's): a residual Add
+    around a computed Pad + Conv then needs no run-time unbroadcasting (Shape/ReduceSum)."""
+    rng = np.random.default_rng(50)
+    x_shape = (2, 4, 9, 9)
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    model = _computed_pad_conv_model([1, 1, 1, 1], dict(group=4), w, x_shape)
+    model.graph.node.append(helper.make_node("Add", ["y", "x"], ["z"]))
+    model.graph.output[0].name = "z"
+    gmodel, built = gradient_model(model, ["x"], "z")
+    backward = [n.op_type for n in _live_nodes(gmodel, built.gradients["x"])[len(model.graph.node):]]
+    assert not {"Shape", "ReduceSum", "Pad"} & set(backward) and backward.count("Slice") <= 1
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    z = run(model, {"x": x}, ["z"])["z"]
+    seed = rng.standard_normal(z.shape).astype(np.float32)
+    gx = run(gmodel, {"x": x, built.seed: seed}, [built.gradients["x"]])[built.gradients["x"]]
+    conv = conv_twin(w, None, dict(group=4, pads=[1, 1, 1, 1]), x_shape)
+    (ref,), _ = torch_vjp(lambda t: conv(t) + t, [x], seed)
+    assert _record("Conv(after Pad)", rel_err(gx, ref)) < ADJ_TOL

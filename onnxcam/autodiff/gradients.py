@@ -21,7 +21,7 @@ from .analysis import GraphAnalysis, constant_values, known_tensors
 from .emitter import Emitter
 from .graph import ancestors, captures, node_reads, topological
 from .registry import STANDARD, ZERO_GRADIENT_OPS, NodeView, RuleContext, get_rule
-from .shapes import TensorInfo, infer_body_infos, infer_infos, make_value_info
+from .shapes import TensorInfo, infer_body_infos, infer_infos, make_value_info, probe_infos
 
 SEED_INPUT = "onnxcam_seed"
 MIN_OPSET, MAX_OPSET = 11, 21
@@ -139,13 +139,19 @@ def _measure_fixed_sizes(model, analysis: GraphAnalysis, infos, path, constants)
         if (tensor is None or tensor.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
                 or len(dims) < 3 or any(not d.HasField("dim_value") for d in dims[1:])):
             return
+    batch_names = {vi.type.tensor_type.shape.dim[0].dim_param for vi in inputs} - {""}
+
+    def is_loose(shape):  # a lost size, or a batch symbol shape inference made up instead of the input's
+        return (any(not isinstance(d, int) for d in shape[1:])
+                or (len(shape) > 0 and not isinstance(shape[0], int) and shape[0] not in batch_names))
+
     loose = sorted({t for n in path for t in list(n.input) + list(n.output)
                     if t and t not in constants and infos.get(t) is not None and infos[t].shape is not None
-                    and any(not isinstance(d, int) for d in infos[t].shape[1:])})
+                    and is_loose(infos[t].shape)})
     if not loose:
         return
-    try:
-        found = analysis.probe(loose + [vi.name for vi in inputs])
+    try:  # not analysis.probe: a failure here must not mark these tensors unmeasurable for later askers
+        found = probe_infos(analysis.model, loose + [vi.name for vi in inputs])
     except Exception:  # measuring is an optimisation: the rules handle symbolic sizes too
         return
     # A size that varied in the probe gets the probe's symbol, the same for every tensor whose size
