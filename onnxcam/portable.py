@@ -2,8 +2,10 @@
 rewritten into an equivalent graph they get right.
 
 The pattern: one constant weight read by both a Conv and a ConvTranspose. onnxcam writes it for
-every convolution between the explained layer and the score, since the gradient of
-Y = Conv(X, W) with respect to X is ConvTranspose(dY, W) with the same W; ONNX Runtime and the
+the strided convolutions between the explained layer and the score, since the gradient of
+Y = Conv(X, W) with respect to X is ConvTranspose(dY, W) with the same W (stride-1 convolutions
+are differentiated by a Conv of a transposed, flipped copy of W that the graph computes, which
+OpenVINO computes correctly: tools/check_openvino.py); ONNX Runtime and the
 ONNX reference evaluator compute it exactly. OpenVINO 2026.4's CPU plugin (reading the ONNX file
 directly; ONNX Runtime's OpenVINO execution provider is built on it) computes one of the two nodes with a
 wrong weight when the weight is square (as many output as input channels, group 1; any kernel
