@@ -155,10 +155,10 @@ def share_duplicate_captures(graph: onnx.GraphProto) -> int:
     ONNX Runtime's constant sharing merges equal constants (initializers, and Constant nodes,
     which it turns into initializers) when a session starts, but it cannot rename a name that a
     Loop/If body captures: it skips the merge and warns ("Implicit input name ... cannot be safely
-    updated") on every session. Exporters often leave several equal constants (the zero biases of
-    BatchNorm-folded convs), and our sampling and re-run Loops capture the weights, so we merge
-    those groups here: same dtype, dims and bytes. An Identity of a constant (torch's exporter
-    writes those for shared weights) is the same case: its readers read the constant itself.
+    updated") on every session. Our sampling and re-run Loops capture the weights, and torch's
+    exporter reads shared weights (e.g. equal zero biases) through Identity nodes: the readers of
+    such an Identity read the constant itself here. (Merging equal-valued constants too made a
+    Loop-based model on EfficientNet-Lite0 unloadable; not done.)
     Graph inputs (overridable initializers) and outputs keep their names. Returns how many names
     were merged away."""
     captured = set()
@@ -167,22 +167,7 @@ def share_duplicate_captures(graph: onnx.GraphProto) -> int:
             captured |= captures(node)
     fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
     values = _constant_values(graph, fixed)
-    kinds = {(values[n].data_type, tuple(values[n].dims)) for n in captured if n in values}
-    groups: Dict[tuple, List[str]] = {}
-    for name, value in values.items():
-        kind = (value.data_type, tuple(value.dims))
-        if kind in kinds:
-            groups.setdefault(kind, []).append(name)
     renames: Dict[str, str] = {}
-    for members in groups.values():
-        canonical: Dict[bytes, str] = {}
-        for name in members if len(members) > 1 else ():
-            value = onnx.TensorProto()
-            value.CopyFrom(values[name])
-            value.name = ""
-            first = canonical.setdefault(value.SerializeToString(deterministic=True), name)
-            if first != name:
-                renames[name] = first
     for alias, source in _constant_aliases(graph, values, fixed).items():
         if alias in captured:
             renames[alias] = renames.get(source, source)
@@ -193,6 +178,10 @@ def share_duplicate_captures(graph: onnx.GraphProto) -> int:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     nodes = [n for n in graph.node if not (n.op_type in ("Constant", "Identity") and n.output[0] in renames)]
+    # A kept Constant node may now be read by nodes before it: it has no inputs, so it goes first.
+    targets = set(renames.values())
+    nodes = ([n for n in nodes if n.op_type == "Constant" and n.output[0] in targets]
+             + [n for n in nodes if not (n.op_type == "Constant" and n.output[0] in targets)])
     del graph.node[:]
     graph.node.extend(nodes)
     infos = [info for info in graph.value_info if info.name not in renames]
