@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .autodiff.graph import constant_tensors
+
 COPY_SUFFIX = "/portable_copy"
 _FORWARD, _TRANSPOSED = "Conv", "ConvTranspose"
 
@@ -46,18 +48,6 @@ class SharedWeight:
     conv_transpose_nodes: Tuple[str, ...]
 
 
-def _constants(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
-    """The graph's constant tensors by name: initializers and Constant nodes' tensor values."""
-    constants = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "value":
-                    constants[node.output[0]] = attr.t
-    graph_inputs = {i.name for i in graph.input}
-    return {name: t for name, t in constants.items() if name not in graph_inputs}  # overridable: not constant
-
-
 def _nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         for entry in tensor.external_data:
@@ -69,7 +59,7 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
 
 def shared_conv_weights(model: onnx.ModelProto) -> List[SharedWeight]:
     """The constants the main graph reads as weight (input 1) of a Conv and of a ConvTranspose."""
-    constants = _constants(model.graph)
+    constants = constant_tensors(model.graph)
     readers: Dict[str, Dict[str, List[str]]] = {}
     for index, node in enumerate(model.graph.node):
         if node.op_type in (_FORWARD, _TRANSPOSED) and node.domain in ("", "ai.onnx") and len(node.input) > 1:
@@ -108,7 +98,7 @@ def separate_conv_weights(model: onnx.ModelProto, inplace: bool = False) -> onnx
             duplicate.CopyFrom(initializers[name])
             duplicate.name = copy_name
         else:
-            tensor = _constants(graph)[name]
+            tensor = constant_tensors(graph)[name]
             new_constant_nodes.append(helper.make_node("Constant", [], [copy_name], value=tensor,
                                                       name=copy_name.replace("/", "_")))
     for node in graph.node:

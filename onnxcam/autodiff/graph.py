@@ -166,7 +166,7 @@ def share_duplicate_captures(graph: onnx.GraphProto) -> int:
         if node.attribute:
             captured |= captures(node)
     fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
-    values = _constant_values(graph, fixed)
+    values = constant_tensors(graph)
     renames: Dict[str, str] = {}
     for alias, source in _constant_aliases(graph, values, fixed).items():
         if alias in captured:
@@ -201,16 +201,17 @@ def _constant_aliases(graph: onnx.GraphProto, values, fixed: Set[str]) -> Dict[s
     return aliases
 
 
-def _constant_values(graph: onnx.GraphProto, fixed: Set[str]) -> Dict[str, onnx.TensorProto]:
-    """Initializers (stored in the file) first, then Constant nodes' tensors, by name."""
-    values = {init.name: init for init in graph.initializer
-              if init.name not in fixed and init.data_location != onnx.TensorProto.EXTERNAL}
+def constant_tensors(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
+    """The graph's constant tensors by name: initializers and Constant nodes' tensor values, minus
+    graph inputs (an overridable initializer may change at run time: not a constant)."""
+    constants = {init.name: init for init in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in fixed:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    values.setdefault(node.output[0], attr.t)
-    return values
+                    constants[node.output[0]] = attr.t
+    inputs = {i.name for i in graph.input}
+    return {name: t for name, t in constants.items() if name not in inputs}
 
 
 def _rename_reads(graph: onnx.GraphProto, renames: Dict[str, str]) -> None:
