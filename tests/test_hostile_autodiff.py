@@ -430,8 +430,6 @@ def test_a_scripted_torch_export_with_a_data_dependent_if_matches_torch(shift):
     """torch.jit.script + torch.onnx.export turns `if x.mean() > 0` into an If whose branches read the
     Relu output from the outer scope (the issue's case, from a real exporter). Grad-CAM at that Relu
     against pytorch-grad-cam's formulas on the eager module, for both branches."""
-    import io
-    import warnings
 
     import torch
 
@@ -454,13 +452,7 @@ def test_a_scripted_torch_export_with_a_data_dependent_if_matches_torch(shift):
             return self.fc(b.mean((2, 3)))
 
     net = Net().eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torch.jit.script(net), (torch.randn(1, 3, 8, 8),), buf, opset_version=13, dynamo=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    model = onnx.load_from_string(buf.getvalue())
+    model = _export_scripted(net, (1, 3, 8, 8))
     if_node = next(n for n in model.graph.node if n.op_type == "If")
     relu_out = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
     assert relu_out in captures(if_node) and relu_out not in if_node.input
@@ -513,8 +505,6 @@ def test_a_scripted_torch_export_with_a_data_dependent_loop_matches_torch(batch)
     """torch.jit.script turns `for _ in range(x.shape[0] + 1): h = tanh(h * 0.5 + a)` into a Loop
     whose trip count depends on the batch and whose body reads the Relu output `a` from the outer
     scope. Grad-CAM at that Relu against pytorch-grad-cam's formulas on the eager module."""
-    import io
-    import warnings
 
     import torch
 
@@ -536,13 +526,7 @@ def test_a_scripted_torch_export_with_a_data_dependent_loop_matches_torch(batch)
             return self.fc(h.mean((2, 3)))
 
     net = Net().eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torch.jit.script(net), (torch.randn(2, 3, 8, 8),), buf, opset_version=13, dynamo=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    model = onnx.load_from_string(buf.getvalue())
+    model = _export_scripted(net, (2, 3, 8, 8))
     loop_node = next(n for n in model.graph.node if n.op_type == "Loop")
     relu_out = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
     assert relu_out in captures(loop_node)
@@ -597,3 +581,19 @@ def test_automatic_layer_sees_what_control_flow_bodies_read():
         maps.append(dict(zip(names, ort_session(augmented).run(None, feeds)))["onnxcam_cam"])
     assert maps[0].max() > 0.5  # not an all-zero map
     np.testing.assert_allclose(maps[1], maps[0], atol=1e-6)
+
+
+def _export_scripted(net, shape):
+    """torch.jit.script + the legacy exporter at opset 13 (data-dependent If/Loop kept), dynamic batch."""
+    import io
+    import warnings
+
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(net), (torch.randn(shape),), buf, opset_version=13, dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return onnx.load_from_string(buf.getvalue())
