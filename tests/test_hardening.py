@@ -31,7 +31,7 @@ from onnxcam.errors import (ImageError, InputError, LayerNotFoundError, ModelLoa
                             NotDifferentiableError, OnnxcamError, OutputError, UnsupportedModelError, UsageError)
 from onnxcam.io import images as images_module
 from onnxcam.modelio import load_model
-from onnxcam.runtime import Explainer, lowered_ir_copy
+from onnxcam.runtime import Explainer, lowered_ir_copy, onnxruntime_max_ir_version
 
 # ------------------------------------------------------------------------------------ builders
 
@@ -189,24 +189,34 @@ def test_image_renamed_to_onnx(work):
     explain_fails(work, work["dir"] / "photo.onnx", 1, "photo.onnx: this is a PNG image, not an ONNX model")
 
 
+def newest_ir() -> int:
+    """The newest IR version this onnxruntime reads (13 for 1.31, 14 for 1.32), read off its own error."""
+    newest = onnxruntime_max_ir_version()
+    assert newest is not None, "onnxruntime no longer names its newest IR version in its error: update _IR_PATTERN"
+    return newest
+
+
 def test_ir_version_newer_than_onnxruntime_is_lowered_when_safe(work):
-    """onnx 1.23 writes IR 14, onnxruntime 1.31 reads up to 13: the augmented copy is relabelled
-    (its opsets and types all exist at IR 13), so it just works, with the same maps."""
-    new = save(conv_net(ir=14), work["dir"] / "ir14.onnx")
+    """onnx 1.23 writes IR 14, onnxruntime 1.31 reads up to 13 (1.32 up to 14): a model labelled one
+    newer than the runtime reads is relabelled (its opsets and types all exist at the runtime's IR),
+    so it just works, with the same maps."""
+    ir = newest_ir() + 1
+    new = save(conv_net(ir=ir), work["dir"] / f"ir{ir}.onnx")
     x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
     np.testing.assert_array_equal(Explainer(new)(x).cam, Explainer(conv_net(ir=8))(x).cam)
     assert cli("explain", new, work["image"], "-o", work["out"]).exit_code == 0
-    assert onnx.load(str(new)).ir_version == 14  # the input file is untouched
+    assert onnx.load(str(new)).ir_version == ir  # the input file is untouched
 
 
 def test_ir_version_newer_than_onnxruntime_and_not_lowerable(work):
     """A model using a type newer than the runtime's IR (a float8 weight) cannot be relabelled."""
-    model = conv_net(ir=14)
+    newest = newest_ir()
+    model = conv_net(ir=newest + 1)
     model.graph.initializer.append(helper.make_tensor("f8", TensorProto.FLOAT8E4M3FN, [1], [1.0]))
-    assert lowered_ir_copy(model, 13) is None
-    path = save(model, work["dir"] / "ir14f8.onnx")
-    explain_fails(work, path, 1, "ir14f8.onnx: IR version 14 is newer than onnxruntime", "(up to 13)",
-                  "upgrade onnxruntime", "ir_version <= 13")
+    assert lowered_ir_copy(model, newest) is None
+    path = save(model, work["dir"] / "newf8.onnx")
+    explain_fails(work, path, 1, f"newf8.onnx: IR version {newest + 1} is newer than onnxruntime",
+                  f"(up to {newest})", "upgrade onnxruntime", f"ir_version <= {newest}")
 
 
 @pytest.mark.parametrize("opset", [9, 22])
@@ -732,11 +742,13 @@ def entry_point():
 
 
 def test_entry_point_one_line_errors_and_exit_codes(entry_point, work):
-    model = conv_net(ir=14)
+    newest = newest_ir()
+    model = conv_net(ir=newest + 1)
     model.graph.initializer.append(helper.make_tensor("f8", TensorProto.FLOAT8E4M3FN, [1], [1.0]))
     cases = [
         ((work["dir"] / "absent.onnx", work["image"]), 1, "absent.onnx: no such file"),
-        ((save(model, work["dir"] / "new.onnx"), work["image"]), 1, "IR version 14 is newer than onnxruntime"),
+        ((save(model, work["dir"] / "new.onnx"), work["image"]), 1,
+         f"IR version {newest + 1} is newer than onnxruntime"),
         ((work["model"], work["image"], "--layer", "rellu"), 2, "did you mean 'relu'?"),
     ]
     for args, code, text in cases:
