@@ -49,8 +49,14 @@ def unbroadcast(ctx, g: str, operand: str, out: str) -> str:
 
 
 def mask_grad(ctx, mask: str, g: str) -> str:
-    """Where(mask, g, 0)."""
-    return ctx.emit.op("Where", mask, g, ctx.emit.scalar(0.0, g))
+    """g where the boolean `mask` holds, else 0, as g * Cast(mask).
+
+    Not Where(mask, g, 0): ONNX Runtime's CPU Where is 3-4x slower than Cast+Mul (measured on a
+    [1, 96, 112, 112] tensor: 6.5 ms against 1.8 ms), and these masks are most of a ReLU net's
+    backward pass. The two differ only where g is inf or NaN under a false mask (0 * inf = NaN),
+    which a finite gradient never is; a rule whose g can be infinite there uses Where itself."""
+    e = ctx.emit
+    return e.op("Mul", g, e.cast(mask, e.dtype(g)))
 
 
 def reshape_like(ctx, g: str, x: str) -> str:

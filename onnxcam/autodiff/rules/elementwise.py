@@ -142,7 +142,8 @@ def dropout(ctx, node, grads):
     else:
         one = e.scalar(1.0, g)
         scale = e.op("Div", one, e.op("Sub", one, e.cast(ratio, e.dtype(g))))
-    trained = mask_grad(ctx, mask, e.op("Mul", g, scale))
+    # Where, not mask_grad: ratio 1 makes scale infinite where every unit is dropped.
+    trained = e.op("Where", mask, e.op("Mul", g, scale), e.scalar(0.0, g))
     return [trained if mode_value is not None else e.op("Where", mode, trained, g)]
 
 
