@@ -15,6 +15,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..registry import vjp
+from .common import mask_grad
 from .conv_adjoint import conv_as_conv
 
 
@@ -278,9 +279,10 @@ def max_pool(ctx, node, grads):
     """Each window sends g to its maximum; ties go to the first maximum in the window's row-major
     scan (torch's choice). Scatter-free: pad X with -inf, and for each kernel offset j compare
     the strided slice Xpad[o*s + j*d] with Y; the first-match mask keeps hits not taken by an
-    earlier offset (And/Not/Or). Where(mask_j, g, 0) stacked over j is [N*C, K, *Ho], and one
-    ConvTranspose with one-hot kernels adds each back at offset j (overlapping windows add,
-    unlike MaxUnpool). The Indices output is integer and carries no gradient."""
+    earlier offset (And/Not/Or). g * mask_j stacked over j is [N*C, K, *Ho] (the boolean masks
+    stacked first, then one Cast and one broadcast Mul: ONNX Runtime's Where per offset cost 3-4x
+    more), and one ConvTranspose with one-hot kernels adds each back at offset j (overlapping
+    windows add, unlike MaxUnpool). The Indices output is integer and carries no gradient."""
     e = ctx.emit
     x, y, kernel, strides, dilations, begins = _pool_setup(ctx, node)
     if grads[0] is None:
@@ -292,7 +294,6 @@ def max_pool(ctx, node, grads):
     xs = e.pad(_fold_channels(ctx, x, n_sp), [0, 0] + list(begins) + [0, 0] + tails,
                value=e.scalar(-np.inf, x))
     ys, gs = _fold_channels(ctx, y, n_sp), _fold_channels(ctx, grads[0], n_sp)
-    zero = e.scalar(0.0, grads[0])
     offsets = list(itertools.product(*[range(k) for k in kernel]))
     onehot = np.zeros([len(offsets), 1] + kernel)
     taken, parts = None, []
@@ -306,8 +307,9 @@ def max_pool(ctx, node, grads):
         else:
             first = e.op("And", hit, e.op("Not", taken))
             taken = e.op("Or", taken, hit)
-        parts.append(e.op("Where", first, gs, zero))
-    stack = e.op("Concat", *parts, axis=1) if len(parts) > 1 else parts[0]
+        parts.append(first)
+    masks = e.op("Concat", *parts, axis=1) if len(parts) > 1 else parts[0]
+    stack = mask_grad(ctx, masks, gs)
     weight = e.const(onehot, e.dtype(x))
     dx = _windows_to_input(ctx, stack, weight, x, y, kernel, strides, dilations, begins)
     return [e.op("Reshape", dx, e.shape_of_tensor_or_dims(x))]
@@ -328,7 +330,7 @@ def global_max_pool(ctx, node, grads):
         zero, one = (e.const(np.asarray(v, np.int64), TensorProto.INT64) for v in (0, 1))
         positions = e.op("Range", zero, e.squeeze(count, [0]), one)
     mask = e.op("Equal", positions, first)  # [N, C, H*W]
-    dx = e.op("Where", mask, e.op("Reshape", grads[0], e.ints([0, 0, -1])), e.scalar(0.0, grads[0]))
+    dx = mask_grad(ctx, mask, e.op("Reshape", grads[0], e.ints([0, 0, -1])))
     return [e.op("Reshape", dx, e.shape_of_tensor_or_dims(x))]
 
 
