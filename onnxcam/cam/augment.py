@@ -39,6 +39,7 @@ from .layers import candidate_layers, choose_output, logits_for, resolve_layers
 from .methods import LAYER, METHODS, MethodContext, get_method  # noqa: F401  (METHODS: public)
 from .methods.maps import layer_maps, normalise
 from .biases import bias_tensors
+from .gradient_mean import mean_gradient, one_by_one_consumers
 from .plan import BIASES, Plan, plan
 from .reruns import Reruns
 from .seeds import build_seed
@@ -206,8 +207,14 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
     biases = bias_tensors(analysis) if the_plan.wants(BIASES) else []
     for mode in the_plan.gradients:
         targets = the_plan.targets(mode, ctx.layers, image.name, [b.output for b in biases])
+        shortcuts = _mean_shortcuts(analysis, emit, the_plan, ctx, targets, seeded, spec) if mode == STANDARD else {}
+        if shortcuts:  # stop the backward pass at those layers' 1x1 convolutions (cam/gradient_mean.py)
+            targets = [t for t in targets if t not in shortcuts]
+            targets += list(dict.fromkeys(z for consumers in shortcuts.values() for z, _ in consumers))
         built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit, score_name=score, analysis=analysis,
                               mode=mode)
+        for name, consumers in shortcuts.items():
+            ctx.gradients[name] = mean_gradient(emit, name, consumers, built.gradients, _as_float32)
         if image.name in targets:
             ctx.input_gradients[mode] = _image_nchw(emit, built.gradients[image.name], image)
         if mode == STANDARD:
@@ -224,6 +231,21 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
             ctx.activations[name] = to_nchw(emit, _as_float32(emit, name), image, layout, spec.token_grid, analysis,
                                             like=name)
     ctx.image_nchw = _image_nchw(emit, image.name, image)  # pruned when no method reads it
+
+
+def _mean_shortcuts(analysis, emit, the_plan: Plan, ctx: MethodContext, targets, seeded, spec) -> dict:
+    """layer -> its 1x1 convolutions, for the layers whose gradient every method reads only as a
+    spatial mean, when this pass does not differentiate the image or biases through them anyway."""
+    if not the_plan.gradient_means_only or any(t not in ctx.layers for t in targets):
+        return {}
+    found = {}
+    for name in ctx.layers:
+        if _layout(emit, name, ctx.image, spec, analysis) != "NCHW":
+            continue
+        consumers = one_by_one_consumers(analysis, emit, name, seeded)
+        if consumers and not any(z in ctx.layers for z, _ in consumers):
+            found[name] = consumers
+    return found
 
 
 def _seeded_passes(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, chosen, score, spec) -> None:

@@ -28,6 +28,7 @@ class Plan:
     gradients: Dict[str, List[str]] = field(default_factory=dict)  # rule mode -> [LAYERS, INPUT, BIASES]
     seeded: List[str] = field(default_factory=list)  # methods' own scores (cam/seeds.py): one pass each, at LAYERS
     reruns: bool = False  # some method re-runs (part of) the graph on masked copies (cam/reruns.py)
+    gradient_means_only: bool = False  # every reader of the layers' gradients reads only their spatial mean
 
     def wants(self, what: str) -> bool:
         """Whether any backward pass differentiates `what` (LAYERS, INPUT or BIASES)."""
@@ -60,6 +61,8 @@ def plan(method_names: Sequence[str]) -> Plan:
     for name in method_names:
         visit(name, (name,))
     result = Plan(tuple(method_names), ordered)
+    readers = [m.needs for m in ordered if m.needs.gradient and not m.needs.seed]
+    result.gradient_means_only = bool(readers) and all(needs.gradient_mean for needs in readers)
     modes = rule_modes()
     for method in ordered:
         needs = method.needs

@@ -7,7 +7,9 @@ agree numerically with it.
 
 from __future__ import annotations
 
-from .registry import layer_method
+from dataclasses import replace
+
+from .registry import LAYER_NEEDS, layer_method
 
 SPATIAL = [2, 3]
 
@@ -17,7 +19,7 @@ def weighted_sum(emit, weights, A):
     return emit.reduce("ReduceSum", emit.op("Mul", weights, A), [1], keepdims=True)
 
 
-@layer_method("gradcam")
+@layer_method("gradcam", needs=replace(LAYER_NEEDS, gradient_mean=True))
 def gradcam(emit, A, G):
     """Grad-CAM (Selvaraju et al. 2017): w_k = mean_ij G_kij."""
     return weighted_sum(emit, emit.reduce("ReduceMean", G, SPATIAL, keepdims=True), A)

@@ -91,8 +91,8 @@ def deconvnet(ctx):
     return signed_map(ctx, "deconvnet", ctx.input_gradient(DECONVNET))
 
 
-@map_method("guided-gradcam", Needs(activation=True, gradient=True, input_gradient=True, rule_mode=GUIDED),
-            signed=True)
+@map_method("guided-gradcam", Needs(activation=True, gradient=True, gradient_mean=True, input_gradient=True,
+                                    rule_mode=GUIDED), signed=True)
 def guided_gradcam(ctx):
     """Guided Grad-CAM (Selvaraju et al. 2017, as captum's GuidedGradCam): guided backpropagation
     times the Grad-CAM map relu(sum_k w_k A_k) upsampled bilinearly to the input, per channel

@@ -34,6 +34,7 @@ class Needs:
 
     activation: bool = False  # A at every target layer
     gradient: bool = False  # dS/dA at every target layer (standard rules)
+    gradient_mean: bool = False  # reads only mean_ij dS/dA (Grad-CAM's weights): see cam/gradient_mean.py
     input_gradient: bool = False  # dS/dx at the image input
     rule_mode: str = STANDARD  # the backward pass `input_gradient` comes from (guided, deconvnet...)
     samples: Optional[str] = None  # "noise" or "path": gradients over input samples folded into the batch
