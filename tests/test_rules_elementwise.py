@@ -304,7 +304,7 @@ def test_clip_bounds_from_graph_inputs(opset):
 
 # --------------------------------------------------------------------------- parametric activations
 @pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("alpha", [0.01, 0.2, 1.5])
+@pytest.mark.parametrize("alpha", [0.01, 0.2, 1.5, -0.2])
 def test_leaky_relu(alpha, opset):
     x = np.concatenate([rnd(2, 3, 4, seed=14), np.zeros((1, 3, 4))])  # slope at 0, as torch
     check("LeakyRelu", lambda: [node("LeakyRelu", ["x"], alpha=alpha)], {"x": x},
@@ -351,7 +351,10 @@ def test_elu(alpha, opset):
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_selu(opset):
+    """Also at x = 100, where exp(x) overflows float32: the unselected branch must not poison the
+    gradient (the rule selects arithmetically, x*1 + y*0, so y must stay finite)."""
     x = np.concatenate([rnd(2, 3, 4, seed=20) * 2, np.zeros((1, 3, 4))])
+    x[0, 0, :2] = [100.0, 95.0]
     check("Selu", lambda: [node("Selu", ["x"])], {"x": x}, F.selu, ["x"], opset)
 
 
@@ -359,6 +362,7 @@ def test_selu(opset):
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
 def test_celu(alpha, opset):
     x = np.concatenate([rnd(2, 3, 4, seed=21) * 2, np.zeros((1, 3, 4))])
+    x[0, 0, :2] = [100.0, 200.0]  # exp(x / alpha) overflows: see test_selu
     check("Celu", lambda: [node("Celu", ["x"], alpha=alpha)], {"x": x}, lambda t: F.celu(t, f32(alpha)), ["x"], opset)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..registry import vjp
-from .common import mask_grad, normalize_axis
+from .common import indicator, mask_grad, normalize_axis, select
 
 
 @vjp("Relu")
@@ -45,15 +45,20 @@ def clip(ctx, node, grads):
 def leaky_relu(ctx, node, grads):
     e, x, g = ctx.emit, node.input(0), grads[0]
     alpha = node.attr("alpha", 0.01)
-    return [e.op("Where", e.op("Greater", x, e.scalar(0.0, x)), g, e.op("Mul", g, e.scalar(alpha, x)))]
+    positive = e.op("Greater", x, e.scalar(0.0, x))
+    if 0.0 <= alpha <= 1.0:  # max(1, alpha) = 1 and max(0, alpha) = alpha: the local slope in two ops
+        local = e.op("Max", indicator(ctx, positive, x), e.scalar(alpha, x))
+    else:
+        local = select(ctx, positive, e.scalar(1.0, x), e.scalar(alpha, x), x)
+    return [e.op("Mul", g, local)]
 
 
 @vjp("PRelu", differentiable=(0,))
 def prelu(ctx, node, grads):
     e, x, slope, g = ctx.emit, node.input(0), node.input(1), grads[0]
     positive = e.op("Greater", x, e.scalar(0.0, x))
-    dx = e.op("Where", positive, g, e.op("Mul", g, slope))
-    return [dx, None]
+    local = e.op("Add", indicator(ctx, positive, x), e.op("Mul", indicator(ctx, e.op("Not", positive), x), slope))
+    return [e.op("Mul", g, local), None]
 
 
 @vjp("Sigmoid")
@@ -86,9 +91,9 @@ def hard_swish(ctx, node, grads):
     exactly 3), not the one-sided limits x/3 + 1/2 there."""
     e, x = ctx.emit, node.input(0)
     middle = e.op("Add", e.op("Div", x, e.scalar(3.0, x)), e.scalar(0.5, x))
-    local = e.op("Where", e.op("Greater", x, e.scalar(-3.0, x)),
-                 e.op("Where", e.op("Less", x, e.scalar(3.0, x)), middle, e.scalar(1.0, x)),
-                 e.scalar(0.0, x))
+    below_3 = e.op("Less", x, e.scalar(3.0, x))
+    upper = select(ctx, below_3, middle, e.scalar(1.0, x), x)
+    local = e.op("Mul", upper, indicator(ctx, e.op("Greater", x, e.scalar(-3.0, x)), x))
     return [e.op("Mul", grads[0], local)]
 
 
@@ -97,7 +102,7 @@ def elu(ctx, node, grads):
     e, x, y = ctx.emit, node.input(0), node.outputs[0]
     alpha = node.attr("alpha", 1.0)
     negative = e.op("Add", y, e.scalar(alpha, y))  # alpha*exp(x) = y + alpha for x <= 0
-    local = e.op("Where", e.op("Greater", x, e.scalar(0.0, x)), e.scalar(1.0, x), negative)
+    local = select(ctx, e.op("Greater", x, e.scalar(0.0, x)), e.scalar(1.0, x), negative, x)
     return [e.op("Mul", grads[0], local)]
 
 
@@ -106,8 +111,9 @@ def selu(ctx, node, grads):
     e, x = ctx.emit, node.input(0)
     alpha = node.attr("alpha", 1.67326319217681884765625)
     gamma = node.attr("gamma", 1.05070102214813232421875)
-    negative = e.op("Mul", e.op("Exp", x), e.scalar(alpha * gamma, x))
-    local = e.op("Where", e.op("Greater", x, e.scalar(0.0, x)), e.scalar(gamma, x), negative)
+    # exp(min(x, 0)): the same for x <= 0, and finite where the branch is not selected.
+    negative = e.op("Mul", e.op("Exp", e.op("Min", x, e.scalar(0.0, x))), e.scalar(alpha * gamma, x))
+    local = select(ctx, e.op("Greater", x, e.scalar(0.0, x)), e.scalar(gamma, x), negative, x)
     return [e.op("Mul", grads[0], local)]
 
 
@@ -115,8 +121,8 @@ def selu(ctx, node, grads):
 def celu(ctx, node, grads):
     e, x = ctx.emit, node.input(0)
     alpha = node.attr("alpha", 1.0)
-    negative = e.op("Exp", e.op("Div", x, e.scalar(alpha, x)))
-    local = e.op("Where", e.op("Greater", x, e.scalar(0.0, x)), e.scalar(1.0, x), negative)
+    negative = e.op("Exp", e.op("Div", e.op("Min", x, e.scalar(0.0, x)), e.scalar(alpha, x)))  # finite, see Selu
+    local = select(ctx, e.op("Greater", x, e.scalar(0.0, x)), e.scalar(1.0, x), negative, x)
     return [e.op("Mul", grads[0], local)]
 
 

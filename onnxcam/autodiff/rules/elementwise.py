@@ -170,9 +170,8 @@ def cast(ctx, node, grads):
 def where(ctx, node, grads):
     e, g, y = ctx.emit, grads[0], node.outputs[0]
     cond, a, b = node.input(0), node.input(1), node.input(2)
-    zero = e.scalar(0.0, g)
-    da = unbroadcast(ctx, e.op("Where", cond, g, zero), a, y) if ctx.needs(node, 1) else None
-    db = unbroadcast(ctx, e.op("Where", cond, zero, g), b, y) if ctx.needs(node, 2) else None
+    da = unbroadcast(ctx, mask_grad(ctx, cond, g), a, y) if ctx.needs(node, 1) else None
+    db = unbroadcast(ctx, mask_grad(ctx, e.op("Not", cond), g), b, y) if ctx.needs(node, 2) else None
     return [None, da, db]
 
 
