@@ -408,8 +408,9 @@ def bench(args):
                     row["plain_rss_eff_mb"] = plain_rss[eff]
                 rows.append(row)
 
-            # PyTorch explainers, each in its own fresh process (timing and peak RSS together).
-            for target in targets[name]:
+            # PyTorch explainers, each in its own fresh process (timing and peak RSS together);
+            # --torch-runs 0 skips them.
+            for target in (targets[name] if torch_runs > 0 else []):
                 for explainer, (package, _) in TORCH_EXPLAINERS.items():
                     if (package == "pytorch-grad-cam" and not have_pgc) or (package == "captum" and not have_captum) \
                             or (package == "torch" and not (have_pgc or have_captum)):
