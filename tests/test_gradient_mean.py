@@ -99,3 +99,27 @@ def test_guided_gradcam_with_the_shortcut_equals_without(bottleneck):
     full = onnxcam.Explainer(path, layer=layer, method=["guided-gradcam", "gradcam++"])(x).cams["guided-gradcam"]
     assert np.abs(full).max() > 0.5
     assert np.abs(short - full).max() <= 1e-5
+
+
+def test_fp16_export_takes_the_shortcut_in_float32(bottleneck, tmp_path):
+    """A half-precision export: the 1x1 weights are widened for the MatMul, and the map matches
+    both the float32 twin and the full-gradient path of the same fp16 model."""
+    model, path32, layer = bottleneck
+    half = Bottleneck().eval()
+    half.load_state_dict(model.state_dict())
+    half = half.half()
+    path16 = str(tmp_path / "bottleneck16.onnx")
+    torch.onnx.export(half, torch.randn(2, 3, SIZE, SIZE).half(), path16, opset_version=13, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, dynamo=False)
+    proto = onnx.load(path16)
+    proto.ir_version = min(proto.ir_version, 8)
+    onnx.save(proto, path16)
+    assert reads_weight_of_1x1(onnxcam.augment(path16, layer=layer, method="gradcam"), proto) == []
+    x = images(2)
+    short = onnxcam.Explainer(path16, layer=layer, method="gradcam")(x.astype(np.float16))
+    full = onnxcam.Explainer(path16, layer=layer, method=["gradcam", "gradcam++"])(x.astype(np.float16))
+    twin = onnxcam.Explainer(path32, layer=layer, method="gradcam")(x)
+    assert short.cam.dtype == np.float32 and np.abs(short.cam).max() > 0.5
+    np.testing.assert_array_equal(short.class_index, twin.class_index)
+    assert np.abs(short.cam - full.cams["gradcam"]).max() <= 1e-5
+    assert np.abs(short.cam - twin.cam).max() <= 2e-2
