@@ -30,6 +30,7 @@ from ..autodiff.analysis import GraphAnalysis, merged
 from ..autodiff.gradients import add_gradients, check_opset, default_opset, flush, new_emitter, prune_unused
 from ..autodiff.registry import STANDARD
 from ..autodiff.graph import share_duplicate_captures
+from ..autodiff.schedule import order_for_depth_first
 from ..autodiff.shapes import TensorInfo, make_value_info
 from ..errors import UsageError
 from ..modelio import check_graph_structure, graph_errors, load_model
@@ -96,12 +97,19 @@ def augment(model, layer: Union[str, Sequence[str], None] = None, method: Union[
     check_graph_structure(proto, label)
     with graph_errors(proto, label):
         first_node, first_initializer = len(proto.graph.node), len(proto.graph.initializer)
-        build(proto, spec, str(label))
+        infos: Dict[str, TensorInfo] = {}
+        build(proto, spec, str(label), infos)
         prune_unused(proto.graph, first_node, first_initializer)
+        order_for_depth_first(proto.graph, first_node, lambda t: _rank(infos, t))
         if portable:
             from ..portable import separate_conv_weights
             separate_conv_weights(proto, inplace=True)
         return proto
+
+
+def _rank(infos, tensor: str) -> Optional[int]:
+    info = infos.get(tensor)
+    return None if info is None or info.shape is None else len(info.shape)
 
 
 RESERVED_PREFIX = "onnxcam_"  # the contract's inputs and outputs; onnxcam's own nodes use "onnxcam/"
@@ -126,17 +134,23 @@ def check_reserved_names(proto: onnx.ModelProto, label: str) -> None:
                          "outputs; rename them in the model (e.g. onnx.compose.add_prefix) and try again")
 
 
-def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelProto:
-    """Edit `proto` in place: the explanation described by `spec` as new graph outputs."""
+def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str,
+          infos: Optional[Dict[str, TensorInfo]] = None) -> onnx.ModelProto:
+    """Edit `proto` in place: the explanation described by `spec` as new graph outputs.
+    `infos`, when given, receives what is known of every tensor's type and shape (the pass that
+    orders nodes for ONNX Runtime, after pruning, reads ranks from it)."""
     image = None if spec.vjp else image_input(proto, label)  # first: is this an image model at all?
     analysis = GraphAnalysis(proto)
     emit = new_emitter(proto, analysis.infos)
+    known = infos if infos is not None else {}
     out = choose_output(proto, spec.output, analysis.infos)
     # Detection heads end in a Sigmoid over boxes and scores alike: their scores are the target.
     keep = spec.keep_probabilities or spec.vjp or spec.target == "detection"
     score = out if keep else logits_for(analysis, out)[0]
     if spec.vjp:
-        return _augment_vjp(proto, analysis, emit, _layers(proto, analysis, score, spec, label), out)
+        _augment_vjp(proto, analysis, emit, _layers(proto, analysis, score, spec, label), out)
+        known.update(emit.infos)
+        return proto
 
     the_plan = plan(spec.methods)
     layers = _layers(proto, analysis, score, spec, label, image) if the_plan.needs_layers else []
@@ -179,6 +193,7 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str) -> onnx.ModelPr
     flush(emit, proto.graph)
     share_duplicate_captures(proto.graph)  # keeps ONNX Runtime from warning about our Loops
     _record(proto, spec.methods, layers, out, score, choices_metadata(t.choices))
+    known.update(emit.infos)
     return proto
 
 
