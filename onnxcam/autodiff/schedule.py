@@ -76,7 +76,7 @@ def order_for_depth_first(graph: onnx.GraphProto, first_new: int, rank_of: Calla
     reordered: List[onnx.NodeProto] = nodes[:first_new]
     for node in nodes[first_new:]:
         if node.output:
-            wanted = _exploration_order(node, constant, key)
+            wanted = _exploration_order(node, constant, key, at)
             if wanted and all(pinnable(t) for t in wanted):
                 for tensor in reversed(wanted):  # the input to explore first gets the highest index
                     pin = f"{tensor}__pin{pins}"
@@ -105,16 +105,19 @@ def order_for_depth_first(graph: onnx.GraphProto, first_new: int, rank_of: Calla
     return pins
 
 
-def _exploration_order(node: onnx.NodeProto, constant, key) -> List[str]:
-    """The non-constant inputs of `node`, earliest work first, when that order matters (their
-    earliest work differs); [] otherwise."""
+def _exploration_order(node: onnx.NodeProto, constant, key, at) -> List[str]:
+    """The non-constant inputs of `node`, earliest work first, then (ties) the one that can be
+    finished earliest (Shape(X) before a gradient whose subtree also starts at X), when that order
+    matters (they differ); [] otherwise."""
     seen: List[str] = []
     for name in node.input:
         if name and name not in constant and name not in seen:
             seen.append(name)
-    if len({key.get(t, math.inf) for t in seen}) < 2:
+    def earliest(t):
+        return key.get(t, math.inf), at.get(t, math.inf)
+    if len({earliest(t) for t in seen}) < 2 or min(key.get(t, math.inf) for t in seen) == math.inf:
         return []
-    return sorted(seen, key=lambda t: key.get(t, math.inf))
+    return sorted(seen, key=earliest)
 
 
 _MAYBE_NOT_A_TENSOR = ("Sequence", "SplitToSequence", "Optional", "Loop", "If", "Scan", "ZipMap")
