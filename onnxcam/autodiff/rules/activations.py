@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 
 from ..registry import vjp
-from .common import indicator, mask_grad, normalize_axis, select
+from .common import forward_mask_grad, indicator, mask_grad, normalize_axis, select
 
 
 @vjp("Relu")
 def relu(ctx, node, grads):
     # Mask from the output (torch's gradient at 0 is 0) so Conv+Relu stays fusable.
     e, y = ctx.emit, node.outputs[0]
-    return [mask_grad(ctx, e.op("Greater", y, e.scalar(0.0, y)), grads[0])]
+    return [forward_mask_grad(ctx, e.op("Greater", y, e.scalar(0.0, y)), grads[0])]
 
 
 @vjp("Clip", differentiable=(0,))
@@ -38,7 +38,7 @@ def clip(ctx, node, grads):
     if hi is not None:
         upper = e.op("Less", y, hi)
         mask = upper if mask is None else e.op("And", mask, upper)
-    return [grads[0] if mask is None else mask_grad(ctx, mask, grads[0])]
+    return [grads[0] if mask is None else forward_mask_grad(ctx, mask, grads[0])]
 
 
 @vjp("LeakyRelu")

@@ -59,6 +59,18 @@ def mask_grad(ctx, mask: str, g: str) -> str:
     return e.op("Mul", g, e.cast(mask, e.dtype(g)))
 
 
+def forward_mask_grad(ctx, mask: str, g: str) -> str:
+    """mask_grad for a mask of a forward tensor shaped like g (Relu's Y > 0, Clip's bounds).
+
+    The boolean mask should be computed during the forward pass, so that the float activation it
+    reads dies with its forward consumers (the order hints, autodiff/schedule.py, arrange that);
+    its float copy should not, or it would hold 4 bytes per element from the forward pass to the
+    backward pass again. Reading the mask through Reshape(mask, Shape(g)) (a no-copy view: the
+    shapes are equal) makes the Cast wait for g."""
+    e = ctx.emit
+    return mask_grad(ctx, e.op("Reshape", mask, e.op("Shape", g)), g)
+
+
 def select(ctx, mask: str, a: str, b: str, like: str) -> str:
     """a where the boolean `mask` holds, else b, as a*Cast(mask) + b*Cast(Not(mask)): exact for
     finite a and b (x*1 + y*0 = x), and several times faster than ONNX Runtime's CPU Where

@@ -15,7 +15,7 @@ HardSwish, SiLU and the rest keep their true gradient in these modes, as in thos
 from __future__ import annotations
 
 from ..registry import vjp
-from .common import mask_grad
+from .common import forward_mask_grad
 
 GUIDED = "guided"
 DECONVNET = "deconvnet"
@@ -24,7 +24,7 @@ DECONVNET = "deconvnet"
 @vjp("Relu", mode=GUIDED)
 def guided_relu(ctx, node, grads):
     e, y = ctx.emit, node.outputs[0]
-    return [mask_grad(ctx, e.op("Greater", y, e.scalar(0.0, y)), e.op("Relu", grads[0]))]
+    return [forward_mask_grad(ctx, e.op("Greater", y, e.scalar(0.0, y)), e.op("Relu", grads[0]))]
 
 
 @vjp("Relu", mode=DECONVNET)
