@@ -123,6 +123,40 @@ def path_rule(rule: str, steps: int) -> Tuple[np.ndarray, np.ndarray]:
     return alphas, weights
 
 
+def adaptive_rule(probe: np.ndarray, nodes: int, floor: float = 0.25, placement: str = "mid"
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """(alphas, weights) of the input-adaptive rule from a forward-only probe of S along the path:
+    probe[i] = S(x' + (i/M)(x - x')), i = 0..M. The density on probe cell i is
+    (1 - floor) |S_{i+1} - S_i| / sum |dS| + floor / M (the change of S equidistributed, plus a
+    uniform floor so flat stretches keep nodes); its CDF F is piecewise linear on the probe grid.
+    The partition b_j = F^-1(j / nodes) gives one node per interval, weight b_{j+1} - b_j (weights
+    sum to 1): placement "mid" puts it at (b_j + b_{j+1}) / 2, "cdfmid" at F^-1((j + 1/2) / nodes).
+    The estimate stays sum_j w_j grad S(a_j) . (x - x'), a midpoint rule on a non-uniform
+    partition: nothing is rescaled to match S(x) - S(x')."""
+    probe = np.asarray(probe, np.float64)
+    m = len(probe) - 1
+    change = np.abs(np.diff(probe))
+    total = change.sum()
+    share = change / total if total > 0 else np.full(m, 1.0 / m)
+    density = (1.0 - floor) * share + floor / m
+    cdf = np.concatenate([[0.0], np.cumsum(density)])
+    cdf /= cdf[-1]
+    grid = np.arange(m + 1) / m
+
+    def inverse(q):
+        return np.interp(q, cdf, grid)
+    bounds = inverse(np.arange(nodes + 1) / nodes)
+    bounds[0], bounds[-1] = 0.0, 1.0
+    weights = np.diff(bounds)
+    if placement == "mid":
+        alphas = 0.5 * (bounds[:-1] + bounds[1:])
+    elif placement == "cdfmid":
+        alphas = inverse((np.arange(nodes) + 0.5) / nodes)
+    else:
+        raise ValueError(f"unknown placement {placement!r}")
+    return alphas, weights
+
+
 def sampled_pass(ctx, method: str, sampling: Sampling, statistics: Tuple[str, ...]) -> SampledPass:
     """The pass for `sampling` computing `statistics`, built once per model and shared."""
     sampling.check(method)
