@@ -103,6 +103,7 @@ class _CopyAnalysis(GraphAnalysis):
         self._parent = parent
         self._origin = {copy: original for original, copy in names.items()}
         self._rename_dims = rename_dims
+        self.copied_from = self._origin  # for gradients._measure_fixed_sizes
 
     def probe(self, names, required: bool = False):
         originals = {n: self._origin[n] for n in names if n in self._origin}

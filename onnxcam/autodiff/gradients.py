@@ -150,8 +150,16 @@ def _measure_fixed_sizes(model, analysis: GraphAnalysis, infos, path, constants)
                     and is_loose(infos[t].shape)})
     if not loose:
         return
+    # A forward copy (cam/sampling.py's samples) is measured through the tensors it copies: its
+    # own names are not in the model, and its batch symbol is the copy's.
+    origin = getattr(analysis, "copied_from", {})
+    if origin:  # only the copied tensors: the rest of a copy's path is not this model's to measure
+        loose = [name for name in loose if name in origin]
+        if not loose:
+            return
+    originals = {name: origin.get(name, name) for name in loose}
     try:  # not analysis.probe: a failure here must not mark these tensors unmeasurable for later askers
-        found = probe_infos(analysis.model, loose + [vi.name for vi in inputs])
+        found = probe_infos(analysis.model, sorted(set(originals.values())) + [vi.name for vi in inputs])
     except Exception:  # measuring is an optimisation: the rules handle symbolic sizes too
         return
     # A size that varied in the probe gets the probe's symbol, the same for every tensor whose size
@@ -166,9 +174,15 @@ def _measure_fixed_sizes(model, analysis: GraphAnalysis, infos, path, constants)
                 if isinstance(p, str) and d.HasField("dim_param"):
                     rename.setdefault(p, d.dim_param)
     for name in loose:
-        probed = found.get(name)
+        probed = found.get(originals[name])
         if probed is not None and probed.shape is not None:
-            infos[name] = TensorInfo(probed.dtype or infos[name].dtype, tuple(rename.get(d, d) for d in probed.shape))
+            dims = tuple(rename.get(d, d) for d in probed.shape)
+            if originals[name] != name:  # a copy keeps its own batch; it gains the sizes that are fixed
+                own = infos[name].shape
+                if len(own) != len(dims):
+                    continue
+                dims = (own[0],) + tuple(p if isinstance(p, int) else o for p, o in zip(dims[1:], own[1:]))
+            infos[name] = TensorInfo(probed.dtype or infos[name].dtype, dims)
 
 
 def _backpropagate(ctx: RuleContext, path, contributions: Dict[str, List[str]], targets: set,
