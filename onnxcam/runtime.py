@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -357,28 +358,23 @@ def _max_ir_version(message: str) -> Optional[int]:
     return int(match.group(2)) if match else None
 
 
+@functools.lru_cache(maxsize=None)
 def onnxruntime_max_ir_version() -> Optional[int]:
     """The newest IR version the installed onnxruntime reads (13 for 1.31, 14 for 1.32), or None
     when its error message no longer says: read off a one-node model labelled with IR 1000."""
-    global _MAX_IR_CACHE
-    if _MAX_IR_CACHE is None:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
 
-        value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        probe.ir_version = 1000
-        try:
-            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-            _MAX_IR_CACHE = (None,)
-        except Exception as exc:
-            _MAX_IR_CACHE = (_max_ir_version(_first_line(exc)),)
-    return _MAX_IR_CACHE[0]
-
-
-_MAX_IR_CACHE = None
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 1000
+    try:
+        ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        return _max_ir_version(_first_line(exc))
+    return None
 
 
 def _ir_message(label, ir_version, newest) -> str:

@@ -101,12 +101,11 @@ class _CopyAnalysis(GraphAnalysis):
         self._constants = parent.constants
         self._probe_failed = set()
         self._parent = parent
-        self._origin = {copy: original for original, copy in names.items()}
+        self.copied_from = {copy: original for original, copy in names.items()}  # read by _measure_fixed_sizes too
         self._rename_dims = rename_dims
-        self.copied_from = self._origin  # for gradients._measure_fixed_sizes
 
     def probe(self, names, required: bool = False):
-        originals = {n: self._origin[n] for n in names if n in self._origin}
+        originals = {n: self.copied_from[n] for n in names if n in self.copied_from}
         found = self._parent.probe(list(originals.values()), required=required)
         result = {}
         for copy, original in originals.items():

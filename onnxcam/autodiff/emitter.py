@@ -415,6 +415,10 @@ class Emitter:
     def cast(self, x: str, dtype: int) -> str:
         return self.op("Cast", x, to=int(dtype))
 
+    def as_float32(self, x: str) -> str:
+        """`x` as float32 (itself when it already is)."""
+        return x if self.dtype(x) == TensorProto.FLOAT else self.cast(x, TensorProto.FLOAT)
+
     # ------------------------------------------------------------------ appended helpers
     def reshape(self, x: str, dims: Sequence[Dim]) -> str:
         """Reshape to exactly `dims`. With run-time dims a size can be 0 at run time (an empty

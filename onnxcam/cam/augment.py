@@ -29,7 +29,7 @@ from .._version import __version__
 from ..autodiff.analysis import GraphAnalysis, merged
 from ..autodiff.gradients import add_gradients, check_opset, default_opset, flush, new_emitter, prune_unused
 from ..autodiff.registry import STANDARD
-from ..autodiff.graph import share_duplicate_captures
+from ..autodiff.graph import ancestors, share_duplicate_captures
 from ..autodiff.schedule import order_for_depth_first
 from ..autodiff.shapes import TensorInfo, make_value_info
 from ..errors import UsageError
@@ -184,7 +184,7 @@ def build(proto: onnx.ModelProto, spec: ExplainSpec, label: str,
     for name, (tensor, dtype, shape) in ctx.outputs.items():  # attributions and residuals of map methods
         _expose(proto, emit, tensor, name, dtype, shape)
     _expose(proto, emit, chosen.class_index, CLASS_OUTPUT, TensorProto.INT64, (image.shape[0],))
-    _expose(proto, emit, _as_float32(emit, chosen.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
+    _expose(proto, emit, emit.as_float32(chosen.score), SCORE_OUTPUT, TensorProto.FLOAT, (image.shape[0],))
     for name, (tensor, dtype, shape) in chosen.extra_outputs.items():
         _expose(proto, emit, tensor, name, dtype, shape)
     for name, per_layer in ctx.diagnostics.items():  # a method's checks (Eigen-CAM's residual): [N, layers]
@@ -229,21 +229,21 @@ def _differentiate(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, se
         built = add_gradients(proto, targets, seeded, seed=seed, emitter=emit, score_name=score, analysis=analysis,
                               mode=mode)
         for name, consumers in shortcuts.items():
-            ctx.gradients[name] = mean_gradient(emit, name, consumers, built.gradients, _as_float32)
+            ctx.gradients[name] = mean_gradient(emit, name, consumers, built.gradients)
         if image.name in targets:
             ctx.input_gradients[mode] = _image_nchw(emit, built.gradients[image.name], image)
         if mode == STANDARD:
-            ctx.bias_gradients = [(_as_float32(emit, built.gradients[b.output]), b.bias) for b in biases
+            ctx.bias_gradients = [(emit.as_float32(built.gradients[b.output]), b.bias) for b in biases
                                   if b.output in built.gradients]
             for name in ctx.layers:
                 if name in built.gradients:
                     layout = _layout(emit, name, image, spec, analysis)
-                    ctx.gradients[name] = to_nchw(emit, _as_float32(emit, built.gradients[name]), image, layout,
+                    ctx.gradients[name] = to_nchw(emit, emit.as_float32(built.gradients[name]), image, layout,
                                                   spec.token_grid, analysis, like=name)
     if the_plan.needs_activations:
         for name in ctx.layers:
             layout = _layout(emit, name, image, spec, analysis)
-            ctx.activations[name] = to_nchw(emit, _as_float32(emit, name), image, layout, spec.token_grid, analysis,
+            ctx.activations[name] = to_nchw(emit, emit.as_float32(name), image, layout, spec.token_grid, analysis,
                                             like=name)
     ctx.image_nchw = _image_nchw(emit, image.name, image)  # pruned when no method reads it
 
@@ -253,11 +253,11 @@ def _mean_shortcuts(analysis, emit, the_plan: Plan, ctx: MethodContext, targets,
     spatial mean, when this pass does not differentiate the image or biases through them anyway."""
     if not the_plan.gradient_means_only or any(t not in ctx.layers for t in targets):
         return {}
-    found = {}
+    found, feeding = {}, ancestors([seeded], analysis.producers)
     for name in ctx.layers:
         if _layout(emit, name, ctx.image, spec, analysis) != "NCHW":
             continue
-        consumers = one_by_one_consumers(analysis, emit, name, seeded)
+        consumers = one_by_one_consumers(analysis, emit, name, feeding)
         if consumers and not any(z in ctx.layers for z, _ in consumers):
             found[name] = consumers
     return found
@@ -273,7 +273,7 @@ def _seeded_passes(proto, analysis, emit, the_plan: Plan, ctx: MethodContext, ch
         built = add_gradients(proto, list(ctx.layers), score, seed=seed, emitter=emit, analysis=analysis)
         for layer in ctx.layers:
             layout = _layout(emit, layer, ctx.image, spec, analysis)
-            ctx.seeded_gradients[(name, layer)] = to_nchw(emit, _as_float32(emit, built.gradients[layer]), ctx.image,
+            ctx.seeded_gradients[(name, layer)] = to_nchw(emit, emit.as_float32(built.gradients[layer]), ctx.image,
                                                           layout, spec.token_grid)
 
 
@@ -317,13 +317,10 @@ def _layout(emit, name, image, spec, analysis) -> str:
     return activation_layout(emit, name, image, spec.layout, analysis=analysis)
 
 
-def _as_float32(emit, name):
-    return name if emit.dtype(name) == TensorProto.FLOAT else emit.cast(name, TensorProto.FLOAT)
-
 
 def _image_nchw(emit, name: str, image: ImageInput) -> str:
     """A tensor shaped like the image input, as float32 NCHW."""
-    wide = _as_float32(emit, name)
+    wide = emit.as_float32(name)
     return wide if image.layout == "NCHW" else emit.op("Transpose", wide, perm=[0, 3, 1, 2])
 
 

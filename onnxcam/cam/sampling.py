@@ -175,7 +175,7 @@ def _build_pass(ctx, method, sampling: Sampling, statistics) -> SampledPass:
     at = _score_at(ctx)
     layers = list(ctx.layers) if any(s.startswith("layer_") for s in statistics) else []
     result = SampledPass()
-    x = _as_float32(e, image.name)  # the input in its own layout, float32
+    x = e.as_float32(image.name)  # the input in its own layout, float32
     per_image = [1, 2, 3]
     if sampling.kind == NOISE:
         n_samples = sampling.samples
@@ -196,7 +196,7 @@ def _build_pass(ctx, method, sampling: Sampling, statistics) -> SampledPass:
         result.baseline = _nchw(e, baseline, image)
         result.baseline_score, baseline_layers = _baseline_forward(ctx, at, baseline, layers)
         seeded = ctx.seeded
-        result.input_score = e.squeeze(_as_float32(e, at(e, e.unsqueeze(seeded, [0]))[1]), [0])
+        result.input_score = e.squeeze(e.as_float32(at(e, e.unsqueeze(seeded, [0]))[1]), [0])
     weights_t = e.const(np.asarray(weights, np.float32), TensorProto.FLOAT)
 
     chunk = sampling.samples_per_chunk or n_samples
@@ -217,7 +217,7 @@ def _build_pass(ctx, method, sampling: Sampling, statistics) -> SampledPass:
         if sampling.kind == NOISE:
             frame = b.op("Concat", k, b.shape(x), axis=0)  # [k, N, ...]
             if noise is not None:
-                eps = _as_float32(b, take(noise))
+                eps = b.as_float32(take(noise))
             else:
                 eps = b.op("RandomNormalLike", b.op("Expand", x, frame), dtype=TensorProto.FLOAT,
                            seed=float(sampling.seed))
@@ -236,7 +236,7 @@ def _build_pass(ctx, method, sampling: Sampling, statistics) -> SampledPass:
 
         def weighted_sum(view):
             return b.reduce("ReduceSum", b.op("Mul", wk, view), [0], keepdims=False)
-        g = _split(b, _nchw(b, _as_float32(b, grads[folded]), image), k)
+        g = _split(b, _nchw(b, b.as_float32(grads[folded]), image), k)
         if "input_gradient" in statistics:
             partial.append(("input_gradient", weighted_sum(g)))
         if "input_gradient_sq" in statistics:
@@ -328,8 +328,8 @@ def _differentiate_copy(ctx, b, model, at, folded, layers):
     acts = {}
     for layer in layers:
         layout = activation_layout(b, layer, image, ctx.spec.layout, analysis.producers)
-        grads[layer] = to_nchw(b, _as_float32(b, built.gradients[copy[layer]]), image, layout, ctx.spec.token_grid)
-        acts[layer] = to_nchw(b, _as_float32(b, copy[layer]), image, layout, ctx.spec.token_grid)
+        grads[layer] = to_nchw(b, b.as_float32(built.gradients[copy[layer]]), image, layout, ctx.spec.token_grid)
+        acts[layer] = to_nchw(b, b.as_float32(copy[layer]), image, layout, ctx.spec.token_grid)
     return grads, acts
 
 
@@ -340,11 +340,11 @@ def _baseline_forward(ctx, at, baseline, layers):
     fed = baseline if image.dtype == TensorProto.FLOAT else e.cast(baseline, image.dtype)
     e.set_info(fed, image.dtype, image.shape)
     copy = clone_forward(ctx.analysis, e, {image.name: fed}, [ctx.seeded] + layers, tag="baseline")
-    score = e.squeeze(_as_float32(e, at(e, e.unsqueeze(copy[ctx.seeded], [0]))[1]), [0])
+    score = e.squeeze(e.as_float32(at(e, e.unsqueeze(copy[ctx.seeded], [0]))[1]), [0])
     acts = {}
     for layer in layers:
         layout = activation_layout(e, layer, image, ctx.spec.layout, ctx.analysis.producers)
-        acts[layer] = to_nchw(e, _as_float32(e, copy[layer]), image, layout, ctx.spec.token_grid)
+        acts[layer] = to_nchw(e, e.as_float32(copy[layer]), image, layout, ctx.spec.token_grid)
     return score, acts
 
 
@@ -413,10 +413,6 @@ def _blur(e, x, image, sigma: float) -> str:
 
 
 # ---------------------------------------------------------------------- small pieces
-def _as_float32(e, name):
-    return name if e.dtype(name) == TensorProto.FLOAT else e.cast(name, TensorProto.FLOAT)
-
-
 def _nchw(e, name, image):
     return name if image.layout == "NCHW" else e.op("Transpose", name, perm=[0, 3, 1, 2])
 

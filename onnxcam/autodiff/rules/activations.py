@@ -49,7 +49,7 @@ def leaky_relu(ctx, node, grads):
     if 0.0 <= alpha <= 1.0:  # max(1, alpha) = 1 and max(0, alpha) = alpha: the local slope in two ops
         local = e.op("Max", indicator(ctx, positive, x), e.scalar(alpha, x))
     else:
-        local = select(ctx, positive, e.scalar(1.0, x), e.scalar(alpha, x), x)
+        local = select(ctx, positive, None, e.scalar(alpha, x), x)
     return [e.op("Mul", g, local)]
 
 
@@ -57,8 +57,7 @@ def leaky_relu(ctx, node, grads):
 def prelu(ctx, node, grads):
     e, x, slope, g = ctx.emit, node.input(0), node.input(1), grads[0]
     positive = e.op("Greater", x, e.scalar(0.0, x))
-    local = e.op("Add", indicator(ctx, positive, x), e.op("Mul", indicator(ctx, e.op("Not", positive), x), slope))
-    return [e.op("Mul", g, local), None]
+    return [e.op("Mul", g, select(ctx, positive, None, slope, x)), None]
 
 
 @vjp("Sigmoid")
@@ -102,7 +101,7 @@ def elu(ctx, node, grads):
     e, x, y = ctx.emit, node.input(0), node.outputs[0]
     alpha = node.attr("alpha", 1.0)
     negative = e.op("Add", y, e.scalar(alpha, y))  # alpha*exp(x) = y + alpha for x <= 0
-    local = select(ctx, e.op("Greater", x, e.scalar(0.0, x)), e.scalar(1.0, x), negative, x)
+    local = select(ctx, e.op("Greater", x, e.scalar(0.0, x)), None, negative, x)
     return [e.op("Mul", grads[0], local)]
 
 
@@ -122,7 +121,7 @@ def celu(ctx, node, grads):
     e, x = ctx.emit, node.input(0)
     alpha = node.attr("alpha", 1.0)
     negative = e.op("Exp", e.op("Div", e.op("Min", x, e.scalar(0.0, x)), e.scalar(alpha, x)))  # finite, see Selu
-    local = select(ctx, e.op("Greater", x, e.scalar(0.0, x)), e.scalar(1.0, x), negative, x)
+    local = select(ctx, e.op("Greater", x, e.scalar(0.0, x)), None, negative, x)
     return [e.op("Mul", grads[0], local)]
 
 
